@@ -1,0 +1,32 @@
+# Quick start:  make demo   (main job on a built-in default)
+#               make test   (test suite)
+# Each target creates .venv, installs the pinned set and builds the native library when missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.flowpert-installed
+
+.PHONY: demo test test-slow bench install clean
+
+$(STAMP): requirements.txt constraints.txt setup.py $(wildcard CMakeLists.txt cmake/*.cmake csrc/*.h csrc/*.cpp csrc/cuda/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/flowpert demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+bench: $(STAMP)
+	$(PY) -m openmm_flowpert.benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

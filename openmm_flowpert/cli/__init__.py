@@ -1,0 +1,33 @@
+"""The ``flowpert`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowpert",
+        description="Unbiased Boltzmann sampling with flow perturbation (Peng & Gao 2025) in OpenMM.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from . import demo
+
+    demo.add_parser(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``flowpert`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

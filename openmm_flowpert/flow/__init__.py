@@ -1,0 +1,6 @@
+"""The flow: velocity field, time grid, explicit integrator steps, forward map and exact inverse."""
+from .cnf import CNF, SCHEMES, time_grid
+from .transforms import Affine
+from .velocity import VelocityMLP
+
+__all__ = ["CNF", "SCHEMES", "time_grid", "Affine", "VelocityMLP"]

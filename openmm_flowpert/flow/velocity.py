@@ -1,0 +1,47 @@
+"""Velocity fields v(t, y) for continuous normalizing flows."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class VelocityMLP(nn.Module):
+    """MLP velocity field with a Fourier time embedding.
+
+    v(t, y) = MLP([y, t, sin(2^j pi t), cos(2^j pi t)]_{j < n_freq}); the time part of the first
+    layer is a separate bias so that one time value is embedded once per batch.
+
+    Parameters
+    ----------
+    dim : int
+        Dimension D of y.
+    hidden : int
+        Width of the hidden layers.
+    n_layers : int
+        Number of hidden layers (>= 1).
+    n_freq : int
+        Number of Fourier frequencies of the time embedding.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4):
+        super().__init__()
+        if dim < 1 or hidden < 1 or n_layers < 1:
+            raise ValueError("dim, hidden and n_layers must be positive")
+        self.dim = dim
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32))
+        self.inp = nn.Linear(dim, hidden)
+        self.time_inp = nn.Linear(1 + 2 * n_freq, hidden, bias=False)
+        self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(n_layers - 1)])
+        self.out = nn.Linear(hidden, dim)
+        self.act = nn.SiLU()
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``t``: shape (1, 1) or (B, 1); ``y``: shape (B, D). Returns v with shape (B, D)."""
+        tf = t * self.freqs
+        feats = torch.cat([t, torch.sin(tf), torch.cos(tf)], dim=-1)
+        h = self.act(self.inp(y) + self.time_inp(feats))
+        for layer in self.hidden:
+            h = self.act(layer(h))
+        return self.out(h)

@@ -1,0 +1,316 @@
+"""`PerturbedFlow`: a trained flow, its estimators and its file format, in one Python object.
+
+The heavy lifting happens in a TorchScript :class:`~openmm_flowpert.estimators.PerturbedFlowModule`;
+this class adds the noise (from :mod:`openmm_flowpert.noise`), shapes, defaults, and save/load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import noise as _noise
+from .estimators import ESTIMATORS, PerturbedFlowModule
+from .flow import CNF, Affine
+
+__all__ = ["PerturbedFlow", "Proposal", "FlowFileError", "file_checksum"]
+
+FORMAT = "openmm-flowpert-flow"
+FORMAT_VERSION = 1
+_META = "flowpert.json"
+
+#: Default of ``exact_inverse`` for proposals (see docs/benchmarks.md, "exact vs fast inverse").
+DEFAULT_EXACT_INVERSE = True
+
+
+class FlowFileError(ValueError):
+    """A flow file is missing, truncated, corrupt or not an openmm-flowpert flow."""
+
+
+def file_checksum(path: str) -> str:
+    """SHA-256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_probes(probes: str) -> None:
+    """Only Gaussian probes give uniform directions; anything else biases W (ALGORITHM.md section 2)."""
+    if probes != "gaussian":
+        raise ValueError(
+            f"probes={probes!r} is not allowed: flow perturbation is unbiased only for directions uniform "
+            "on the sphere, which Gaussian probes give; Rademacher (and other) probes are biased. "
+            "Use probes='gaussian'.")
+
+
+@dataclass
+class Proposal:
+    """A batch of proposals.
+
+    Attributes
+    ----------
+    x : Tensor
+        Positions, (B, n_atoms, 3) in nm for molecules, (B, D) for abstract targets.
+    log_q : Tensor (B,)
+        Estimate of log q(x) (nats); log W = -u(x) - log_q with u the reduced potential (kT).
+    w : Tensor (B, D)
+        Unprojected standard-normal latent; z = prior_scale * P w (P the mean-free projection).
+    eps : Tensor (B, P, D)
+        Unprojected Gaussian probe vectors (their directions are the auxiliary u).
+    """
+
+    x: torch.Tensor
+    log_q: torch.Tensor
+    w: torch.Tensor
+    eps: torch.Tensor
+
+
+class PerturbedFlow:
+    """A normalizing flow with flow-perturbation estimators of its proposal density.
+
+    Build one with :func:`openmm_flowpert.train_flow` or load one with :meth:`load`.
+
+    Parameters
+    ----------
+    module : torch.jit.ScriptModule
+        A scripted :class:`~openmm_flowpert.estimators.PerturbedFlowModule`.
+    metadata : dict
+        Plain-JSON metadata (n_atoms, remove_com, d, prior_scale, integrator, n_steps,
+        temperature in K or None, units = "nm", ...).
+
+    Examples
+    --------
+    >>> flow = PerturbedFlow.load("flow.pt")                  # doctest: +SKIP
+    >>> prop = flow.propose(64, Noise(seed=0), estimator="fp++")  # doctest: +SKIP
+    >>> log_w = -energy(prop.x) - prop.log_q                  # doctest: +SKIP
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, metadata: dict):
+        self.module = module
+        self.metadata = dict(metadata)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, velocity: torch.nn.Module, times: torch.Tensor, transform: Optional[torch.nn.Module] = None,
+              n_particles: int = 0, scheme: str = "rk4", prior_scale: float = 1.0,
+              temperature: Optional[float] = None, extra: Optional[dict] = None) -> "PerturbedFlow":
+        """Script a flow from a velocity field (converted to float64 and frozen) and a time grid."""
+        velocity = velocity.double().eval()
+        for p in velocity.parameters():
+            p.requires_grad_(False)
+        cnf = CNF(velocity, times, n_particles=n_particles, scheme=scheme)
+        if transform is None:
+            transform = Affine(torch.zeros(cnf.dim), torch.ones(1), n_particles=n_particles)
+        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=cnf.dim))
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "units": "nm",
+            "n_atoms": int(n_particles), "remove_com": bool(n_particles > 0),
+            "dim": cnf.dim, "d": cnf.d, "x_dim": cnf.dim,
+            "prior_scale": float(prior_scale), "integrator": scheme, "n_steps": cnf.n_steps,
+            "times": [float(t) for t in times], "temperature": temperature,
+        }
+        meta.update(extra or {})
+        return cls(module, meta)
+
+    # -- properties --------------------------------------------------------------------------------
+    @property
+    def n_atoms(self) -> int:
+        """Number of atoms (0 for an abstract target)."""
+        return int(self.metadata["n_atoms"])
+
+    @property
+    def remove_com(self) -> bool:
+        """True when the flow lives in the mean-free (centre-of-mass-free) subspace."""
+        return bool(self.metadata["remove_com"])
+
+    @property
+    def dim(self) -> int:
+        """Number of latent coordinates D."""
+        return int(self.metadata["dim"])
+
+    @property
+    def d(self) -> int:
+        """Effective dimension (3N - 3 when mean-free): the exponent in the FP estimators."""
+        return int(self.metadata["d"])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.metadata["n_steps"])
+
+    @property
+    def prior_scale(self) -> float:
+        """Default standard deviation s of the latent prior N(0, s^2 I)."""
+        return float(self.metadata["prior_scale"])
+
+    # -- shapes ------------------------------------------------------------------------------------
+    def _flat(self, x) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.float64)
+        if self.n_atoms > 0:
+            if x.dim() == 2 and x.shape == (self.n_atoms, 3):
+                x = x.unsqueeze(0)
+            if x.dim() == 3:
+                if x.shape[1:] != (self.n_atoms, 3):
+                    raise ValueError(f"positions have shape {tuple(x.shape)}; this flow was trained for "
+                                     f"{self.n_atoms} atoms, i.e. (batch, {self.n_atoms}, 3) in nm")
+                x = x.reshape(x.shape[0], -1)
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if x.shape[-1] != int(self.metadata["x_dim"]):
+            raise ValueError(f"positions have {x.shape[-1]} coordinates per sample; the flow expects "
+                             f"{self.metadata['x_dim']}")
+        if self.remove_com:
+            x = _noise.project_mean_free(x, self.n_atoms)
+        return x
+
+    def _shape(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.n_atoms, 3) if self.n_atoms > 0 else x
+
+    def _resolve(self, estimator: str, exact_inverse: Optional[bool], prior_scale: Optional[float],
+                 probes: str) -> Tuple[bool, float]:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
+        check_probes(probes)
+        exact = DEFAULT_EXACT_INVERSE if exact_inverse is None else bool(exact_inverse)
+        s = self.prior_scale if prior_scale is None else float(prior_scale)
+        if not s > 0:
+            raise ValueError(f"prior_scale must be positive, got {s}")
+        return exact, s
+
+    def latent(self, w: torch.Tensor, prior_scale: Optional[float] = None) -> torch.Tensor:
+        """z = s P w: the latent for an unprojected standard-normal state w (B, D)."""
+        s = self.prior_scale if prior_scale is None else float(prior_scale)
+        return s * _noise.project_mean_free(w, self.n_atoms)
+
+    # -- sampling and estimates --------------------------------------------------------------------
+    def n_probe_sets(self, estimator: str, n_probes: int = 1) -> int:
+        """Probe vectors per sample: 1 for fp, n_steps for fp++, n_probes for hutchinson, 0 for jacobian."""
+        return int(self.module.n_probe_sets(estimator, n_probes))
+
+    @torch.no_grad()
+    def evaluate(self, w: torch.Tensor, eps: torch.Tensor, estimator: str = "fp++",
+                 exact_inverse: Optional[bool] = None, prior_scale: Optional[float] = None,
+                 probes: str = "gaussian") -> Tuple[torch.Tensor, torch.Tensor]:
+        """Positions and log q estimate for a given latent state (w (B, D), eps (B, P, D)).
+
+        Returns x ((B, n_atoms, 3) nm or (B, D)) and log_q (B,) in nats.
+        """
+        exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
+        x, log_q = self.module.log_q(self.latent(w, s), eps, estimator, exact, s)
+        return self._shape(x), log_q
+
+    def propose(self, n: int, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
+                exact_inverse: Optional[bool] = None, prior_scale: Optional[float] = None,
+                probes: str = "gaussian") -> Proposal:
+        """Draw ``n`` independent proposals x ~ q with their log q estimates (see :class:`Proposal`)."""
+        self._resolve(estimator, exact_inverse, prior_scale, probes)
+        w = noise.gaussian(n, self.dim)
+        P = self.n_probe_sets(estimator, n_probes)
+        eps = noise.gaussian(n, self.dim, sets=P) if P > 0 else torch.zeros(n, 0, self.dim, dtype=torch.float64)
+        x, log_q = self.evaluate(w, eps, estimator, exact_inverse, prior_scale, probes)
+        return Proposal(x, log_q, w, eps)
+
+    @torch.no_grad()
+    def refresh(self, x, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
+                exact_inverse: Optional[bool] = None, prior_scale: Optional[float] = None,
+                probes: str = "gaussian") -> Proposal:
+        """Map positions to the latent space and redraw the auxiliary directions from rho(u | x).
+
+        This Gibbs step makes any x-move (MD, replica swaps) followed by flow-perturbation
+        Metropolis exact (ALGORITHM.md section 4). Returns a :class:`Proposal` for the *current*
+        state: x (the input, centre of mass removed for mean-free flows), log q, and a full
+        unprojected latent state (w, eps) with w = z/s + (I - P) g and eps = r u + (I - P) g',
+        r ~ chi_d, so that latent-local moves can continue from it. Rows whose exact inverse did
+        not converge have NaN log q.
+        """
+        exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
+        xf = self._flat(x)
+        B, D, P = xf.shape[0], self.dim, self.n_probe_sets(estimator, n_probes)
+        g = noise.gaussian(B, D, self.n_atoms, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
+        z, u, log_q = self.module.refresh(xf, g, estimator, exact, s)
+        w = z / s + self._complement(noise, B, 0)
+        if P > 0 and estimator in ("fp", "fp++"):
+            r = noise.chi(B * P, self.d).reshape(B, P, 1)
+            eps = r * u + self._complement(noise, B, P)
+        else:
+            eps = g
+        return Proposal(self._shape(xf), log_q, w, eps)
+
+    def _complement(self, noise: _noise.Noise, B: int, sets: int) -> torch.Tensor:
+        """(I - P) g: the part of a standard normal orthogonal to the mean-free subspace (0 if none)."""
+        shape = (B, sets, self.dim) if sets > 0 else (B, self.dim)
+        if self.n_atoms == 0:
+            return torch.zeros(shape, dtype=torch.float64)
+        g = noise.gaussian(B, self.dim, sets=sets)
+        return g - _noise.project_mean_free(g, self.n_atoms)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, prior_scale: Optional[float] = None) -> torch.Tensor:
+        """Draw ``n`` samples from the flow (no weights); (n, n_atoms, 3) nm or (n, D)."""
+        w = _noise.Noise(seed).gaussian(n, self.dim)
+        return self._shape(self.module.sample(self.latent(w, prior_scale)))
+
+    @torch.no_grad()
+    def inverse(self, x, exact: bool = True) -> torch.Tensor:
+        """Latent z = f^-1(x) (B, D); exact inverse of the discrete map by default (NaN where it fails)."""
+        return self.module.inverse(self._flat(x), exact)
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the scripted module and its metadata to ``path`` atomically (temporary file + rename)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".flowpert-", suffix=".pt.tmp", dir=folder)
+        os.close(fd)
+        try:
+            torch.jit.save(self.module, tmp, _extra_files={_META: json.dumps(self.metadata)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, map_location: str = "cpu") -> "PerturbedFlow":
+        """Load a flow file written by :meth:`save`.
+
+        Raises
+        ------
+        FlowFileError
+            If the file is missing, truncated/corrupt, or not an openmm-flowpert flow.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FlowFileError(f"flow file {path!r} does not exist; train one with "
+                                "openmm_flowpert.train_flow(...).save(path) or check the path")
+        extra = {_META: ""}
+        try:
+            module = torch.jit.load(path, map_location=map_location, _extra_files=extra)
+        except Exception as exc:  # torch raises RuntimeError / ValueError for damaged archives
+            raise FlowFileError(f"flow file {path!r} cannot be read (truncated or corrupt?): "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+                                "Re-copy or re-train it.") from None
+        try:
+            meta = json.loads(extra[_META]) if extra[_META] else {}
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+        if meta.get("format") != FORMAT:
+            raise FlowFileError(f"{path!r} is a TorchScript file but not an openmm-flowpert flow "
+                                "(no flowpert metadata); save flows with PerturbedFlow.save")
+        if int(meta.get("version", 0)) > FORMAT_VERSION:
+            raise FlowFileError(f"{path!r} has flow format version {meta['version']}, newer than this "
+                                f"openmm-flowpert understands ({FORMAT_VERSION}); upgrade the package")
+        return cls(module, meta)
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        what = f"n_atoms={m['n_atoms']}" if m["n_atoms"] else f"dim={m['dim']}"
+        return (f"PerturbedFlow({what}, d={m['d']}, integrator={m['integrator']}, n_steps={m['n_steps']}, "
+                f"prior_scale={m['prior_scale']})")

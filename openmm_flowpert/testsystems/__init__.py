@@ -1,0 +1,5 @@
+"""Built-in target systems with exactly known reference observables."""
+from .gmm import GaussianMixtureTarget
+from .gmm_openmm import GaussianMixture
+
+__all__ = ["GaussianMixtureTarget", "GaussianMixture"]

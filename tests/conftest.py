@@ -1,0 +1,63 @@
+"""Shared fixtures: small flows built once per test session."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import openmm_flowpert as fp
+from openmm_flowpert.flow import CNF, Affine, VelocityMLP, time_grid
+from openmm_flowpert.estimators import PerturbedFlowModule
+from openmm_flowpert.testsystems import GaussianMixtureTarget
+
+
+class AnisotropicVelocity(nn.Module):
+    """v(t, y) = A y + tanh-MLP(y): a deliberately anisotropic flow (log singular values of the
+    flow map spread over about +-1) with a nonlinear part, for the estimator tests."""
+
+    def __init__(self, dim: int, seed: int = 0, strength: float = 1.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.dim = dim
+        rot = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
+        eig = torch.linspace(-strength, strength, dim, dtype=torch.float64)
+        self.register_buffer("A", rot @ torch.diag(eig) @ rot.T)
+        self.mlp = VelocityMLP(dim, hidden=16, n_layers=2).double()
+        for p in self.mlp.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.A.T + 0.3 * torch.tanh(self.mlp(t, y))
+
+
+def make_module(dim: int, n_particles: int = 0, n_steps: int = 6, seed: int = 0, strength: float = 1.0):
+    """A scripted PerturbedFlowModule with an anisotropic flow and a non-trivial affine transform."""
+    torch.manual_seed(seed)
+    vel = AnisotropicVelocity(dim, seed=seed, strength=strength)
+    cnf = CNF(vel, time_grid(n_steps, "uniform"), n_particles=n_particles)
+    gen = torch.Generator().manual_seed(seed + 7)
+    shift = torch.randn(dim, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([1.7]) if n_particles else 0.5 + torch.rand(dim, generator=gen, dtype=torch.float64)
+    transform = Affine(shift, scale, n_particles=n_particles)
+    return PerturbedFlowModule(cnf, transform, dim)
+
+
+@pytest.fixture(scope="session")
+def gmm():
+    return GaussianMixtureTarget(dim=10)
+
+
+@pytest.fixture(scope="session")
+def gmm_flow(gmm):
+    """A small flow trained on 50/50 exact samples of the 10-D GMM (reweighting must recover 1/4)."""
+    samples = gmm.sample(12000, seed=1, weights=(0.5, 0.5))
+    return fp.train_flow(samples, epochs=40, hidden=64, n_layers=3, n_steps=16, progress=False, seed=0)
+
+
+def standard_error_of_chain_means(values: torch.Tensor) -> tuple:
+    """Mean and standard error over independent chains: values (n_samples, n_chains).
+
+    Each chain's time average carries its own autocorrelation, so the spread of the chain means
+    is an autocorrelation-corrected standard error."""
+    means = values.double().mean(0)
+    return float(means.mean()), float(means.std() / math.sqrt(means.numel()))

@@ -1,0 +1,63 @@
+"""Flow-perturbation Metropolis on the 10-D two-well GMM: the fraction x0 < 0 must be 1/4.
+
+The flow is trained on 50/50 samples, so proposals put about half their mass in the minor well
+and only the Metropolis test can bring it to the exact 0.25. Standard errors come from the spread
+of independent chains' time averages (autocorrelation-corrected).
+"""
+import pytest
+import torch
+
+import openmm_flowpert as fp
+from openmm_flowpert.samplers import metropolis_accept
+
+from conftest import standard_error_of_chain_means
+
+N_CHAINS, N_ITER, BURN = 64, 160, 40
+
+
+def _fraction_left(gmm, flow, **kw):
+    res = fp.run_metropolis(flow, gmm.energy, N_CHAINS, N_ITER, seed=7, store_positions=False,
+                            observable=lambda x: (x[:, 0] < 0).double(), **kw)
+    mean, se = standard_error_of_chain_means(res.observables[BURN:])
+    return mean, se, res
+
+
+@pytest.mark.parametrize("proposal,estimator", [("independent", "fp++"), ("independent", "fp"),
+                                                ("latent", "fp"), ("latent", "fp++")])
+def test_gmm_fraction_left_exact(gmm, gmm_flow, proposal, estimator):
+    mean, se, res = _fraction_left(gmm, gmm_flow, proposal=proposal, estimator=estimator, k=3, k_eps=2)
+    exact = gmm.exact_fraction_left
+    assert abs(mean - exact) < 3 * se, (mean, se, res.acceptance)
+    assert se < 0.05  # the check has power: 0.5 (no reweighting) would be far outside
+    assert res.acceptance > 0.02
+
+
+def test_unweighted_flow_is_far_from_exact(gmm, gmm_flow):
+    """Power check: raw flow samples (no Metropolis) put about half the mass in the minor well."""
+    x = gmm_flow.sample(4000, seed=1)
+    assert float((x[:, 0] < 0).double().mean()) > 0.4
+
+
+def test_nan_energies_are_rejections(gmm, gmm_flow):
+    def energy(x):
+        u = gmm.energy(x)
+        u[::2] = float("nan")
+        return u
+    res = fp.run_metropolis(gmm_flow, energy, 8, 5, seed=1)
+    assert res.n_nonfinite > 0
+    assert torch.isfinite(res.reduced_energies[-1]).all() or res.accepted.any()
+
+
+def test_accept_rule():
+    lw_old = torch.tensor([0.0, 0.0, -float("inf"), 0.0, -float("inf")])
+    lw_new = torch.tensor([1.0, -1.0, 0.0, -float("inf"), -float("inf")])
+    acc = metropolis_accept(lw_old, lw_new, torch.tensor([0.99, 0.5, 0.5, 1e-9, 1e-9]))
+    assert acc.tolist() == [True, False, True, False, False]
+    assert bool(metropolis_accept(torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([0.3]))) is True
+
+
+@pytest.mark.slow
+def test_hutchinson_one_probe_negative_control(gmm, gmm_flow):
+    """Hutchinson(1) in the same test (documented negative control: see docs/benchmarks.md)."""
+    mean, se, _ = _fraction_left(gmm, gmm_flow, proposal="independent", estimator="hutchinson")
+    assert abs(mean - gmm.exact_fraction_left) > 3 * se, (mean, se)
