@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.flowpert-installed
+# torch threads wait passively: busy-waiting OpenMP threads stall when other work shares the cores
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test test-slow bench install clean
 

@@ -28,6 +28,16 @@ _META = "flowpert.json"
 DEFAULT_EXACT_INVERSE = True
 
 
+def _plain_execution():
+    """Run scripted methods without TorchScript's profiling optimizer.
+
+    Measured here: the profiling optimizer re-specializes each new (method, batch shape)
+    combination, so a first call took 160 ms instead of 33 ms, and a move alternates several
+    shapes; in the steady state both run at the same speed.
+    """
+    return torch.jit.optimized_execution(False)
+
+
 class FlowFileError(ValueError):
     """A flow file is missing, truncated, corrupt or not an openmm-flowpert flow."""
 
@@ -92,16 +102,22 @@ class PerturbedFlow:
     >>> log_w = -energy(prop.x) - prop.log_q                  # doctest: +SKIP
     """
 
-    def __init__(self, module: torch.jit.ScriptModule, metadata: dict):
+    def __init__(self, module: torch.jit.ScriptModule, metadata: dict, path: Optional[str] = None):
         self.module = module
         self.metadata = dict(metadata)
+        self.path = path  #: the file this flow was loaded from or last saved to
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def build(cls, velocity: torch.nn.Module, times: torch.Tensor, transform: Optional[torch.nn.Module] = None,
               n_particles: int = 0, scheme: str = "rk4", prior_scale: float = 1.0,
-              temperature: Optional[float] = None, extra: Optional[dict] = None) -> "PerturbedFlow":
-        """Script a flow from a velocity field (converted to float64 and frozen) and a time grid."""
+              temperature: Optional[float] = None, extra: Optional[dict] = None,
+              n_atoms: Optional[int] = None) -> "PerturbedFlow":
+        """Script a flow from a velocity field (converted to float64 and frozen) and a time grid.
+
+        ``n_particles > 0`` makes the flow mean-free over that many particles; ``n_atoms`` (default:
+        ``n_particles``) sets the (B, n_atoms, 3) shape of positions, also for flows that are not
+        mean-free (0: flat (B, D) vectors)."""
         velocity = velocity.double().eval()
         for p in velocity.parameters():
             p.requires_grad_(False)
@@ -111,7 +127,7 @@ class PerturbedFlow:
         module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=cnf.dim))
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "units": "nm",
-            "n_atoms": int(n_particles), "remove_com": bool(n_particles > 0),
+            "n_atoms": int(n_particles if n_atoms is None else n_atoms), "remove_com": bool(n_particles > 0),
             "dim": cnf.dim, "d": cnf.d, "x_dim": cnf.dim,
             "prior_scale": float(prior_scale), "integrator": scheme, "n_steps": cnf.n_steps,
             "times": [float(t) for t in times], "temperature": temperature,
@@ -149,6 +165,11 @@ class PerturbedFlow:
         """Default standard deviation s of the latent prior N(0, s^2 I)."""
         return float(self.metadata["prior_scale"])
 
+    @property
+    def _mf(self) -> int:
+        """Particles of the mean-free projection (0 when the flow is not mean-free)."""
+        return self.n_atoms if self.remove_com else 0
+
     # -- shapes ------------------------------------------------------------------------------------
     def _flat(self, x) -> torch.Tensor:
         x = torch.as_tensor(x, dtype=torch.float64)
@@ -165,9 +186,7 @@ class PerturbedFlow:
         if x.shape[-1] != int(self.metadata["x_dim"]):
             raise ValueError(f"positions have {x.shape[-1]} coordinates per sample; the flow expects "
                              f"{self.metadata['x_dim']}")
-        if self.remove_com:
-            x = _noise.project_mean_free(x, self.n_atoms)
-        return x
+        return _noise.project_mean_free(x, self._mf)
 
     def _shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], self.n_atoms, 3) if self.n_atoms > 0 else x
@@ -186,7 +205,7 @@ class PerturbedFlow:
     def latent(self, w: torch.Tensor, prior_scale: Optional[float] = None) -> torch.Tensor:
         """z = s P w: the latent for an unprojected standard-normal state w (B, D)."""
         s = self.prior_scale if prior_scale is None else float(prior_scale)
-        return s * _noise.project_mean_free(w, self.n_atoms)
+        return s * _noise.project_mean_free(w, self._mf)
 
     # -- sampling and estimates --------------------------------------------------------------------
     def n_probe_sets(self, estimator: str, n_probes: int = 1) -> int:
@@ -202,7 +221,8 @@ class PerturbedFlow:
         Returns x ((B, n_atoms, 3) nm or (B, D)) and log_q (B,) in nats.
         """
         exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
-        x, log_q = self.module.log_q(self.latent(w, s), eps, estimator, exact, s)
+        with _plain_execution():
+            x, log_q = self.module.log_q(self.latent(w, s), eps, estimator, exact, s)
         return self._shape(x), log_q
 
     def propose(self, n: int, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
@@ -232,8 +252,9 @@ class PerturbedFlow:
         exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
         xf = self._flat(x)
         B, D, P = xf.shape[0], self.dim, self.n_probe_sets(estimator, n_probes)
-        g = noise.gaussian(B, D, self.n_atoms, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
-        z, u, log_q = self.module.refresh(xf, g, estimator, exact, s)
+        g = noise.gaussian(B, D, self._mf, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
+        with _plain_execution():
+            z, u, log_q = self.module.refresh(xf, g, estimator, exact, s)
         w = z / s + self._complement(noise, B, 0)
         if P > 0 and estimator in ("fp", "fp++"):
             r = noise.chi(B * P, self.d).reshape(B, P, 1)
@@ -245,21 +266,23 @@ class PerturbedFlow:
     def _complement(self, noise: _noise.Noise, B: int, sets: int) -> torch.Tensor:
         """(I - P) g: the part of a standard normal orthogonal to the mean-free subspace (0 if none)."""
         shape = (B, sets, self.dim) if sets > 0 else (B, self.dim)
-        if self.n_atoms == 0:
+        if self._mf == 0:
             return torch.zeros(shape, dtype=torch.float64)
         g = noise.gaussian(B, self.dim, sets=sets)
-        return g - _noise.project_mean_free(g, self.n_atoms)
+        return g - _noise.project_mean_free(g, self._mf)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, prior_scale: Optional[float] = None) -> torch.Tensor:
         """Draw ``n`` samples from the flow (no weights); (n, n_atoms, 3) nm or (n, D)."""
         w = _noise.Noise(seed).gaussian(n, self.dim)
-        return self._shape(self.module.sample(self.latent(w, prior_scale)))
+        with _plain_execution():
+            return self._shape(self.module.sample(self.latent(w, prior_scale)))
 
     @torch.no_grad()
     def inverse(self, x, exact: bool = True) -> torch.Tensor:
         """Latent z = f^-1(x) (B, D); exact inverse of the discrete map by default (NaN where it fails)."""
-        return self.module.inverse(self._flat(x), exact)
+        with _plain_execution():
+            return self.module.inverse(self._flat(x), exact)
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str) -> None:
@@ -272,6 +295,7 @@ class PerturbedFlow:
         try:
             torch.jit.save(self.module, tmp, _extra_files={_META: json.dumps(self.metadata)})
             os.replace(tmp, path)
+            self.path = os.path.abspath(path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -307,7 +331,7 @@ class PerturbedFlow:
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise FlowFileError(f"{path!r} has flow format version {meta['version']}, newer than this "
                                 f"openmm-flowpert understands ({FORMAT_VERSION}); upgrade the package")
-        return cls(module, meta)
+        return cls(module, meta, path=os.path.abspath(path))
 
     def __repr__(self) -> str:
         m = self.metadata

@@ -1,11 +1,11 @@
 """Shared fixtures: small flows built once per test session."""
 import math
 
+import openmm_flowpert as fp  # first: it sets OMP_WAIT_POLICY before torch starts its threads
+
 import pytest
 import torch
 from torch import nn
-
-import openmm_flowpert as fp
 from openmm_flowpert.flow import CNF, Affine, VelocityMLP, time_grid
 from openmm_flowpert.estimators import PerturbedFlowModule
 from openmm_flowpert.testsystems import GaussianMixtureTarget
@@ -61,3 +61,21 @@ def standard_error_of_chain_means(values: torch.Tensor) -> tuple:
     is an autocorrelation-corrected standard error."""
     means = values.double().mean(0)
     return float(means.mean()), float(means.std() / math.sqrt(means.numel()))
+
+
+@pytest.fixture(scope="session")
+def gmm_system():
+    """The 12-D two-well GMM as an OpenMM System (openmm-torch); not translation invariant."""
+    from openmm_flowpert.testsystems import GaussianMixture
+
+    return GaussianMixture(n_particles=4)
+
+
+@pytest.fixture(scope="session")
+def gmm_system_flow(gmm_system, tmp_path_factory):
+    """Trained on 50/50 exact samples: moves must reweight to the exact 1/4 : 3/4."""
+    x = torch.as_tensor(gmm_system.target.sample(12000, seed=1, weights=(0.5, 0.5))).reshape(-1, 4, 3)
+    flow = fp.train_flow(x * gmm_system.length_scale, remove_com=False, epochs=30, hidden=64, n_layers=3,
+                         n_steps=12, progress=False, temperature=300.0, seed=0)
+    flow.save(tmp_path_factory.mktemp("flows") / "gmm12.pt")
+    return flow

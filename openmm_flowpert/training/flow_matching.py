@@ -28,6 +28,8 @@ def _as_samples(samples, remove_com: Optional[bool]):
             raise ValueError(f"molecular samples must have shape (n_samples, n_atoms, 3) in nm; got {tuple(x.shape)}")
         n_atoms = x.shape[1]
         remove_com = True if remove_com is None else bool(remove_com)
+        if remove_com and n_atoms < 2:
+            raise ValueError("remove_com=True needs at least 2 atoms; use remove_com=False")
         x = x.reshape(x.shape[0], -1)
     elif x.dim() == 2:
         n_atoms = 0
@@ -169,5 +171,5 @@ def train_flow(samples, *, remove_com: Optional[bool] = None, n_steps: int = 20,
     info = {"epochs": epoch, "best_validation_loss": best, "wall_time_s": round(time.time() - t_start, 2),
             "hidden": hidden, "n_layers": n_layers, "n_samples": int(x.shape[0]), "seed": int(seed)}
     return PerturbedFlow.build(ema_model, time_grid(n_steps, grid), transform, n_particles=npart, scheme=scheme,
-                               prior_scale=prior_scale, temperature=temperature,
+                               prior_scale=prior_scale, temperature=temperature, n_atoms=n_atoms,
                                extra={"grid": grid, "training": info})

@@ -1,0 +1,287 @@
+"""Cost of the log q estimators relative to one forward flow pass, and exact vs fast inverse.
+
+    python benchmarks/estimators.py [--quick] [--threads N] [--reps R] [--warmup W]
+
+For mean-free flows with d = 66 (23 particles) and d = 498 (167 particles), a randomly
+initialized velocity MLP (hidden 256, 3 layers, output layer scaled by 0.3 so the flow is well
+conditioned), 20 RK4 steps on the quadratic grid, float64, batch B = 256, this prints
+
+* ms per call of ``module.sample`` (the forward pass) and of ``module.log_q`` for fp and fp++
+  (fast and exact inverse), Hutchinson with one probe, and the brute-force jacobian (on a smaller
+  batch, reported per sample), with the ratio to the forward pass per sample;
+* the targets: fp and fp++ <= 3.5x forward with the fast inverse; jacobian >= d/4 x fp;
+* the log W discrepancy |log q(exact) - log q(fast)| for the same z and probes;
+* the same discrepancy and the exact/fast cost ratio for a flow trained (``train_flow``) on a
+  stiff synthetic molecule (bond-like fluctuations of 0.005 nm next to 0.05 nm ones).
+
+Every timed call is warmed up ``--warmup`` times first (TorchScript's profiling executor
+re-optimizes on the first calls of each method/argument combination); times are medians of
+``--reps`` runs. Thread count and load average are printed: on a shared machine a multi-threaded
+run can be far slower than a single-threaded one (OpenMP threads wait for descheduled peers), so
+compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from openmm_flowpert import PerturbedFlow, train_flow
+from openmm_flowpert.flow import VelocityMLP, time_grid
+
+F64 = torch.float64
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def timed(fn, reps: int, warmup: int) -> tuple:
+    """(median ms, list of ms) of ``fn()`` after ``warmup`` untimed calls."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times), times
+
+
+def random_flow(n_particles: int, hidden: int, n_layers: int, n_steps: int, seed: int) -> PerturbedFlow:
+    torch.manual_seed(seed)
+    vel = VelocityMLP(3 * n_particles, hidden=hidden, n_layers=n_layers)
+    with torch.no_grad():
+        vel.out.weight.mul_(0.3)
+        vel.out.bias.mul_(0.3)
+    return PerturbedFlow.build(vel, time_grid(n_steps, "quadratic"), n_particles=n_particles)
+
+
+def inputs(flow: PerturbedFlow, B: int, seed: int) -> tuple:
+    """Latent z (B, D) and Gaussian probe sets: one (fp, hutchinson) and n_steps (fp++)."""
+    gen = torch.Generator().manual_seed(seed)
+    D = flow.dim
+    z = flow.latent(torch.randn(B, D, generator=gen, dtype=F64))
+    e1 = torch.randn(B, 1, D, generator=gen, dtype=F64)
+    ek = torch.randn(B, flow.n_steps, D, generator=gen, dtype=F64)
+    return z, e1, ek
+
+
+def discrepancy(m, z, probes, est: str) -> dict:
+    """exact - fast log q for identical z and probes (= -(exact - fast) log W)."""
+    with torch.no_grad():
+        _, lq_exact = m.log_q(z, probes, est, True, 1.0)
+        _, lq_fast = m.log_q(z, probes, est, False, 1.0)
+    diff = lq_exact - lq_fast
+    ok = torch.isfinite(diff)
+    dd = diff[ok]
+    return {"n_nan": int((~ok).sum()), "max": float(dd.abs().max()), "rms": float(dd.pow(2).mean().sqrt()),
+            "mean": float(dd.mean()), "std": float(dd.std())}
+
+
+def probe_noise(m, z, probes_a, probes_b, est: str) -> float:
+    """Per-sample standard deviation of log q from the probes alone (fast inverse, two probe draws)."""
+    with torch.no_grad():
+        _, a = m.log_q(z, probes_a, est, False, 1.0)
+        _, b = m.log_q(z, probes_b, est, False, 1.0)
+    return float((a - b).std() / math.sqrt(2.0))
+
+
+def fmt_times(ts) -> str:
+    return ", ".join(f"{t:.0f}" for t in ts)
+
+
+def bench_random(n_particles: int, B: int, B_jac: int, args, out: list) -> dict:
+    flow = random_flow(n_particles, 256, 3, 20, seed=n_particles)
+    m, d, D = flow.module, flow.d, flow.dim
+    z, e1, ek = inputs(flow, B, seed=1)
+    rows = []  # (estimator, inverse, batch, ms, per-sample ratio)
+    fwd_ms, fwd_all = timed(lambda: m.sample(z), args.reps, args.warmup)
+    fwd_ps = fwd_ms / B
+    rows.append(("forward (sample)", "-", B, fwd_ms, 1.0, fwd_all))
+    res = {"forward": fwd_ps}
+    for est, probes in (("fp", e1), ("fp++", ek)):
+        for exact in (False, True):
+            ms, all_ = timed(lambda: m.log_q(z, probes, est, exact, 1.0), args.reps, args.warmup)
+            res[(est, exact)] = ms / B
+            rows.append((est, "exact" if exact else "fast", B, ms, ms / B / fwd_ps, all_))
+    ms, all_ = timed(lambda: m.log_q(z, e1, "hutchinson", False, 1.0), args.reps, args.warmup)
+    res["hutchinson"] = ms / B
+    rows.append(("hutchinson (N=1)", "-", B, ms, ms / B / fwd_ps, all_))
+
+    # jacobian: warm up on a batch of one (each call is d vector-Jacobian products per step and
+    # sample), then one untimed call and the timed ones at B_jac.
+    zj = z[:B_jac].contiguous()
+    nothing_1 = torch.zeros(1, 0, D, dtype=F64)
+    nothing = torch.zeros(B_jac, 0, D, dtype=F64)
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            m.log_q(z[:1].contiguous(), nothing_1, "jacobian", False, 1.0)
+    ms, all_ = timed(lambda: m.log_q(zj, nothing, "jacobian", False, 1.0), args.jac_reps, 1)
+    res["jacobian"] = ms / B_jac
+    rows.append(("jacobian", "-", B_jac, ms, ms / B_jac / fwd_ps, all_))
+    fwdj_ms, fwdj_all = timed(lambda: m.sample(zj), args.reps, args.warmup)
+    rows.append(("forward (sample), jacobian's batch", "-", B_jac, fwdj_ms, fwdj_ms / B_jac / fwd_ps, fwdj_all))
+
+    out.append(f"\n### d = {d} (mean-free, {n_particles} particles, D = {D}); B = {B}\n")
+    out.append("| estimator | inverse | batch | ms / call (median) | cost per sample / forward per sample (B = %d) | all runs (ms) |" % B)
+    out.append("|---|---|---:|---:|---:|---|")
+    for name, inv, bb, ms_, ratio, all_ in rows:
+        out.append(f"| {name} | {inv} | {bb} | {ms_:.1f} | {ratio:.2f}x | {fmt_times(all_)} |")
+
+    # targets
+    fpf, fppf = res[("fp", False)] / fwd_ps, res[("fp++", False)] / fwd_ps
+    jac_over_fp = res["jacobian"] / res[("fp", False)]
+    jac_over_fp_exact = res["jacobian"] / res[("fp", True)]
+    out.append("")
+    out.append("| target | measured | pass |")
+    out.append("|---|---:|---|")
+    out.append(f"| fp (fast inverse) <= 3.5x forward | {fpf:.2f}x | {'yes' if fpf <= 3.5 else 'NO'} |")
+    out.append(f"| fp++ (fast inverse) <= 3.5x forward | {fppf:.2f}x | {'yes' if fppf <= 3.5 else 'NO'} |")
+    out.append(f"| jacobian >= d/4 = {d / 4:.1f}x fp (fast), per sample | {jac_over_fp:.1f}x "
+               f"(vs fp exact: {jac_over_fp_exact:.1f}x) | {'yes' if jac_over_fp >= d / 4 else 'NO'} |")
+    out.append(f"\nexact / fast cost: fp {res[('fp', True)] / res[('fp', False)]:.2f}x, "
+               f"fp++ {res[('fp++', True)] / res[('fp++', False)]:.2f}x")
+
+    # exact vs fast log W
+    _, e1b, ekb = inputs(flow, B, seed=2)
+    out.append("")
+    out.append("| estimator | max abs(dlog W) | rms | mean | std over batch | exact-inverse NaN rows | probe noise std(log W) (fast) |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for est, probes, probes_b in (("fp", e1, e1b), ("fp++", ek, ekb)):
+        r = discrepancy(m, z, probes, est)
+        pn = probe_noise(m, z, probes, probes_b, est)
+        out.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
+    return res
+
+
+def stiff_samples(n_atoms: int, n_samples: int, seed: int) -> torch.Tensor:
+    """A synthetic molecule: a random reference structure (about 1 nm across) with Gaussian
+    fluctuations of 0.005 nm on half of the coordinates (bond-like, stiff) and 0.05 nm on the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = 0.3 * torch.randn(n_atoms, 3, generator=gen, dtype=F64)
+    sd = torch.full((n_atoms * 3,), 0.05, dtype=F64)
+    stiff = torch.randperm(n_atoms * 3, generator=gen)[: (n_atoms * 3) // 2]
+    sd[stiff] = 0.005
+    x = ref.reshape(1, -1) + sd * torch.randn(n_samples, n_atoms * 3, generator=gen, dtype=F64)
+    return x.reshape(n_samples, n_atoms, 3)
+
+
+def bench_trained(args, out: list) -> None:
+    n_atoms = 22
+    t0 = time.perf_counter()
+    flow = train_flow(stiff_samples(n_atoms, args.train_samples, seed=3), epochs=args.epochs, hidden=128,
+                      n_layers=3, n_steps=20, progress=False, seed=0)
+    train_s = time.perf_counter() - t0
+    m, B = flow.module, args.batch
+    z, e1, ek = inputs(flow, B, seed=4)
+    _, e1b, ekb = inputs(flow, B, seed=5)
+    info = flow.metadata["training"]
+    out.append(f"\n### Trained stiff flow: {n_atoms} atoms (d = {flow.d}), hidden 128, 3 layers, 20 RK4 steps "
+               f"(quadratic grid); B = {B}\n")
+    out.append(f"Training: {args.train_samples} samples (random structure ~1 nm across; fluctuation std 0.005 nm "
+               f"on half of the coordinates, 0.05 nm on the rest), {info['epochs']} epochs, best validation loss "
+               f"{info['best_validation_loss']:.4f}, {train_s:.0f} s.\n")
+    with torch.no_grad():
+        y = flow.module.cnf(z)
+        zr = flow.module.cnf.inverse(y, True)
+        zf = flow.module.cnf.inverse(y, False)
+    out.append(f"Round trip of the CNF part, max |f^-1(f(z)) - z|: exact inverse {float((zr - z).abs().max()):.1e}, "
+               f"fast (reverse steps) {float((zf - z).abs().max()):.1e}.\n")
+    out.append("| estimator | max abs(dlog W) | rms | mean | std over batch | exact-inverse NaN rows | probe noise std(log W) (fast) |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for est, probes, probes_b in (("fp", e1, e1b), ("fp++", ek, ekb)):
+        r = discrepancy(m, z, probes, est)
+        pn = probe_noise(m, z, probes, probes_b, est)
+        out.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
+    fwd_ms, fwd_all = timed(lambda: m.sample(z), args.reps, args.warmup)
+    out.append("")
+    out.append("| call | ms / call (median) | / forward | all runs (ms) |")
+    out.append("|---|---:|---:|---|")
+    out.append(f"| forward (sample) | {fwd_ms:.1f} | 1.00x | {fmt_times(fwd_all)} |")
+    cost = {}
+    for est, probes in (("fp", e1), ("fp++", ek)):
+        for exact in (False, True):
+            ms, all_ = timed(lambda: m.log_q(z, probes, est, exact, 1.0), args.reps, args.warmup)
+            cost[(est, exact)] = ms
+            out.append(f"| {est}, {'exact' if exact else 'fast'} inverse | {ms:.1f} | {ms / fwd_ms:.2f}x | {fmt_times(all_)} |")
+    out.append(f"\nexact / fast cost: fp {cost[('fp', True)] / cost[('fp', False)]:.2f}x, "
+               f"fp++ {cost[('fp++', True)] / cost[('fp++', False)]:.2f}x")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: B = 64, 3 repeats, small jacobian batches, 5 epochs")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--batch", type=int, default=None, help="batch B (default 256; 64 with --quick)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
+    ap.add_argument("--jac-batch", type=int, nargs=2, default=None, metavar=("B66", "B498"),
+                    help="jacobian batches for d = 66 and d = 498 (default 32 4; 4 1 with --quick)")
+    ap.add_argument("--jac-reps", type=int, default=None, help="timed jacobian repeats (default 3; 1 with --quick)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs of the stiff flow (default 15; 5 with --quick)")
+    ap.add_argument("--train-samples", type=int, default=5000)
+    ap.add_argument("--skip", choices=["66", "498", "trained"], nargs="*", default=[], help="parts to skip")
+    ap.add_argument("--plain", action="store_true",
+                    help="run the scripted methods with torch.jit.optimized_execution(False), as "
+                         "PerturbedFlow's wrappers may do (default: TorchScript's profiling executor)")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.batch = args.batch or (64 if q else 256)
+    args.reps = args.reps or (3 if q else 5)
+    args.jac_batch = args.jac_batch or ([4, 1] if q else [32, 4])
+    args.jac_reps = args.jac_reps or (1 if q else 3)
+    args.epochs = args.epochs or (5 if q else 15)
+    torch.set_num_threads(args.threads)
+    with torch.jit.optimized_execution(not args.plain):
+        run(args)
+
+
+def run(args) -> None:
+    q = args.quick
+    t_start = time.perf_counter()
+    print("## Estimator cost and exact vs fast inverse\n")
+    print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"- machine: {cpu_name()}, nproc = {os.cpu_count()}, torch {torch.__version__}, "
+          f"torch threads = {torch.get_num_threads()}")
+    print(f"- load average (1/5/15 min) at start: {load()}")
+    print(f"- float64, 20 RK4 steps (quadratic grid), warm-up {args.warmup} calls, median of {args.reps} "
+          f"(jacobian: {args.jac_reps}); flags: {'--quick' if q else 'full'}; TorchScript executor: "
+          f"{'plain (optimized_execution(False))' if args.plain else 'profiling (default)'}")
+    for n, bj, key in ((23, args.jac_batch[0], "66"), (167, args.jac_batch[1], "498")):
+        if key in args.skip:
+            continue
+        out = []
+        l0 = load()
+        bench_random(n, args.batch, bj, args, out)
+        out.insert(1, f"load average before/after: {l0} / {load()}\n")
+        print("\n".join(out), flush=True)
+    if "trained" not in args.skip:
+        out = []
+        l0 = load()
+        bench_trained(args, out)
+        out.append(f"\nload average before/after: {l0} / {load()}")
+        print("\n".join(out), flush=True)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s; load average at end: {load()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""`FlowPerturbationMove`: exact flow-perturbation Metropolis as an openmmtools ``MCMCMove``.
+
+Each ``apply`` is self-contained (the move keeps no sampler state between calls): it maps the
+current positions to the latent space with the exact inverse, redraws the auxiliary directions
+from rho(u | x) (ALGORITHM.md section 4), runs a Metropolis chain over a batch of flow proposals
+whose reduced potentials come from OpenMM, and writes the final positions back. Because the
+refresh is an exact Gibbs step, the move composes with ``LangevinDynamicsMove``, replica swaps or
+any other move that changes x, and the combination samples the Boltzmann distribution exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from typing import Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+from openmm import unit
+from openmmtools import mcmc
+
+from ..energies import ReducedPotential, check_system, kT_kJ_per_mol
+from ..noise import Noise
+from ..perturbed_flow import FlowFileError, PerturbedFlow, file_checksum
+from ..samplers.metropolis import log_weights, metropolis_accept
+
+__all__ = ["FlowPerturbationMove", "load_flow_cached"]
+
+_FLOW_CACHE: Dict[tuple, PerturbedFlow] = {}
+
+
+def load_flow_cached(path: str, checksum: Optional[str] = None) -> PerturbedFlow:
+    """Load a flow file once per process (keyed by absolute path and SHA-256).
+
+    Raises :class:`~openmm_flowpert.FlowFileError` if the file is missing, unreadable, or its
+    checksum differs from ``checksum`` (the file changed since the move was created or saved).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FlowFileError(f"flow file {path!r} does not exist (it must be readable from every MPI rank "
+                            "and at resume time); restore it or point the move at the right path")
+    actual = file_checksum(path)
+    if checksum is not None and actual != checksum:
+        raise FlowFileError(f"flow file {path!r} has changed since the move was created (SHA-256 "
+                            f"{actual[:12]}... instead of {checksum[:12]}...); restore the original file")
+    key = (path, actual)
+    if key not in _FLOW_CACHE:
+        _FLOW_CACHE[key] = PerturbedFlow.load(path)
+    return _FLOW_CACHE[key]
+
+
+class _Clock:
+    """Accumulates wall time of the parts of an ``apply`` into a dict (seconds)."""
+
+    def __init__(self, store: Dict[str, float]):
+        self.store, self.t = store, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.store[name] = self.store.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _mpi_rank() -> int:
+    try:
+        import mpiplus
+
+        comm = mpiplus.get_mpicomm()
+        return 0 if comm is None else int(comm.rank)
+    except Exception:  # pragma: no cover - mpiplus is a dependency of openmmtools
+        return 0
+
+
+class FlowPerturbationMove(mcmc.MCMCMove):
+    """Metropolis moves proposed by a perturbed flow, accepted with the generalized-work test.
+
+    Parameters
+    ----------
+    flow : PerturbedFlow or str
+        The flow, or the path of a flow file. A flow object must have been saved or loaded (it
+        is serialized by path and SHA-256 checksum, and loaded once per process).
+    n_proposals : int, default 16
+        Candidates per ``apply``: one batch for independence proposals (energies evaluated
+        together), a sequential chain for latent-local proposals.
+    estimator : str, optional
+        ``"fp++"`` (default for independence proposals), ``"fp"`` (default for latent-local
+        proposals) or ``"jacobian"``. ``"hutchinson"`` is refused: it is biased.
+    proposal : {"independent", "latent"}
+        Independence proposals from the flow, or latent-local moves that redraw ``k`` latent
+        coordinates and ``k_eps`` coordinates of each probe vector.
+    exact_inverse : bool, optional
+        Exact (default) or fast inverse steps in the estimator of the proposals; the map from
+        positions to the latent space is always exact.
+    prior_scale : float, "sqrt(T/T0)", callable or None
+        Latent prior scale s per thermodynamic state: None uses the flow's; a number; the string
+        ``"sqrt(T/T0)"`` scales the flow's s by sqrt(T / T0), T0 the flow's training temperature;
+        or a callable of the temperature in K. Exact for any choice, since p_Z enters W.
+    platform : str, optional
+        OpenMM platform for the proposal energies (default: CUDA, OpenCL, CPU, Reference).
+    n_workers : int, optional
+        Worker threads (one private Context each) for the energy batch.
+    seed : int, optional
+        Seed of all noise (default: drawn from the OS). Each MPI rank uses its own stream.
+    reassign_velocities : bool, default True
+        After an accepted proposal, velocities are redrawn from Maxwell-Boltzmann at the state's
+        temperature; this keeps the joint (positions, velocities) distribution exact. Velocities
+        that are None are always drawn.
+
+    Attributes
+    ----------
+    n_accepted, n_proposed, n_nonfinite, n_refresh_failed : int
+        Accepted and proposed candidates; candidates rejected because their energy or flow output
+        was not finite; calls skipped because the exact inverse of the current positions failed.
+
+    Examples
+    --------
+    Hybrid MD / flow MC in an openmmtools loop:
+
+    >>> from openmmtools import mcmc                                           # doctest: +SKIP
+    >>> move = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(n_steps=500),
+    ...                           FlowPerturbationMove("flow.pt", n_proposals=32)])
+    >>> sampler = mcmc.MCMCSampler(thermodynamic_state, sampler_state, move)
+    >>> sampler.run(100)
+    """
+
+    def __init__(self, flow: Union[PerturbedFlow, str], n_proposals: int = 16, estimator: Optional[str] = None,
+                 proposal: str = "independent", k: int = 2, k_eps: int = 2, exact_inverse: Optional[bool] = None,
+                 prior_scale: Union[None, float, str, Callable[[float], float]] = None,
+                 platform: Optional[str] = None, n_workers: Optional[int] = None, seed: Optional[int] = None,
+                 reassign_velocities: bool = True):
+        if isinstance(flow, PerturbedFlow):
+            self.flow_path = flow.path if flow.path and os.path.isfile(flow.path) else None
+            self.flow_checksum = file_checksum(flow.path) if self.flow_path else None
+            self._flow = flow
+            if flow.path:  # later deserializations in this process share this object
+                _FLOW_CACHE.setdefault((os.path.abspath(flow.path), self.flow_checksum), flow)
+        else:
+            self._flow = load_flow_cached(flow)
+            self.flow_path = self._flow.path
+            self.flow_checksum = file_checksum(self.flow_path)
+        if proposal not in ("independent", "latent"):
+            raise ValueError(f"proposal must be 'independent' or 'latent', got {proposal!r}")
+        estimator = estimator or ("fp++" if proposal == "independent" else "fp")
+        if estimator not in ("fp", "fp++", "jacobian"):
+            raise ValueError(f"estimator {estimator!r} is not allowed in a move: use 'fp++', 'fp' or 'jacobian' "
+                             "(Hutchinson's estimator is biased)")
+        if int(n_proposals) < 1:
+            raise ValueError(f"n_proposals must be >= 1, got {n_proposals}")
+        if isinstance(prior_scale, str) and prior_scale.replace(" ", "") != "sqrt(T/T0)":
+            raise ValueError(f"prior_scale string must be 'sqrt(T/T0)', got {prior_scale!r}")
+        self.n_proposals = int(n_proposals)
+        self.estimator = estimator
+        self.proposal = proposal
+        self.k, self.k_eps = int(k), int(k_eps)
+        self.exact_inverse = exact_inverse
+        self.prior_scale = prior_scale
+        self.platform = platform
+        self.n_workers = n_workers
+        self.seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.reassign_velocities = bool(reassign_velocities)
+        self._calls = 0
+        self.reset_statistics()
+        self._energies: Dict[int, ReducedPotential] = {}
+        self._validated: set = set()
+        self.timing: Dict[str, float] = {}  #: seconds spent in refresh, proposals, energies, total
+
+    # -- statistics (synchronized across MPI ranks by openmmtools) ---------------------------------
+    def reset_statistics(self) -> None:
+        """Set all counters to zero."""
+        self.n_accepted = 0
+        self.n_proposed = 0
+        self.n_nonfinite = 0
+        self.n_refresh_failed = 0
+
+    @property
+    def statistics(self) -> dict:
+        """n_accepted, n_proposed, n_nonfinite, n_refresh_failed (plain ints)."""
+        return {"n_accepted": int(self.n_accepted), "n_proposed": int(self.n_proposed),
+                "n_nonfinite": int(self.n_nonfinite), "n_refresh_failed": int(self.n_refresh_failed)}
+
+    @statistics.setter
+    def statistics(self, value: dict) -> None:
+        self.n_accepted = int(value["n_accepted"])
+        self.n_proposed = int(value["n_proposed"])
+        self.n_nonfinite = int(value.get("n_nonfinite", 0))
+        self.n_refresh_failed = int(value.get("n_refresh_failed", 0))
+
+    @property
+    def acceptance(self) -> float:
+        """Fraction of accepted proposals so far (NaN before the first)."""
+        return self.n_accepted / self.n_proposed if self.n_proposed else float("nan")
+
+    @property
+    def flow(self) -> PerturbedFlow:
+        return self._flow
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _scale(self, temperature_K: float) -> float:
+        base = self._flow.prior_scale
+        ps = self.prior_scale
+        if ps is None:
+            return base
+        if isinstance(ps, str):
+            t0 = self._flow.metadata.get("temperature")
+            if not t0:
+                raise ValueError("prior_scale='sqrt(T/T0)' needs the flow's training temperature T0; train the "
+                                 "flow with temperature=... or give prior_scale as a number or callable")
+            return base * math.sqrt(temperature_K / float(t0))
+        if callable(ps):
+            return float(ps(temperature_K))
+        return float(ps)
+
+    def _system_key(self, thermodynamic_state) -> int:
+        key = getattr(thermodynamic_state, "_standard_system_hash", None)
+        return int(key) if key is not None else hash(thermodynamic_state.system.__getstate__())
+
+    def _prepare(self, thermodynamic_state, x: np.ndarray) -> ReducedPotential:
+        key = self._system_key(thermodynamic_state)
+        if key not in self._validated:
+            system = thermodynamic_state.system
+            flow = self._flow
+            n = system.getNumParticles()
+            if flow.n_atoms not in (0, n) or (flow.n_atoms == 0 and flow.dim != 3 * n):
+                raise ValueError(f"atom-count/dimension mismatch: the flow has "
+                                 f"{flow.n_atoms or flow.dim} {'atoms' if flow.n_atoms else 'coordinates'}, "
+                                 f"the system {n} particles ({3 * n} coordinates); use a flow trained for this system")
+            check_system(system, translation_invariant_required=flow.remove_com, positions=x)
+            if getattr(thermodynamic_state, "pressure", None) is not None:
+                raise ValueError("NPT states are not supported by FlowPerturbationMove; use an NVT state")
+            self._energies[key] = ReducedPotential(system, thermodynamic_state.temperature,
+                                                   platform=self.platform, n_workers=self.n_workers)
+            self._validated.add(key)
+        return self._energies[key]
+
+    def _noise(self, x: np.ndarray) -> Noise:
+        # Distinct streams per MPI rank and per configuration (replicas share seed and counter after
+        # the samplers' deep copies), fresh offsets per call.
+        stream = (_mpi_rank() << 24) ^ (zlib.crc32(x.tobytes()) & 0xFFFFFF)
+        self._calls += 1
+        return Noise(self.seed, stream=stream, offset=self._calls << 20)
+
+    # -- the move ----------------------------------------------------------------------------------
+    def apply(self, thermodynamic_state, sampler_state, context_cache=None) -> None:
+        """Apply ``n_proposals`` flow-perturbation Metropolis steps to ``sampler_state`` (in place).
+
+        Positions are read and written in nm; the reduced potential u = U/kT of the state
+        ``thermodynamic_state`` (its temperature) enters the acceptance test.
+        """
+        t_start = time.perf_counter()
+        flow = self._flow
+        x = np.asarray(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+        n_atoms = x.shape[0]
+        rp = self._prepare(thermodynamic_state, x)
+        temperature = thermodynamic_state.temperature.value_in_unit(unit.kelvin)
+        factor = rp.kT / kT_kJ_per_mol(temperature)  # reduced potentials at this state's temperature
+        s = self._scale(temperature)
+        noise = self._noise(x)
+        kw = dict(estimator=self.estimator, exact_inverse=self.exact_inverse, prior_scale=s)
+        shape_in = (1, -1) if flow.n_atoms == 0 else (1, n_atoms, 3)
+        centre = x.mean(0) if flow.remove_com else np.zeros(3)
+
+        clock = _Clock(self.timing)
+        cur = self._refresh_auxiliary(torch.from_numpy(x).reshape(shape_in), noise, kw)
+        clock.lap("refresh")
+        log_w = log_weights(rp(x[None]) * factor, cur.log_q)
+        clock.lap("energies")
+        accepted_any = False
+        if not bool(torch.isfinite(log_w).all()):
+            # The exact inverse of the current positions failed (or their energy is not finite): the
+            # move cannot weigh the current state, so it leaves it unchanged.
+            self.n_refresh_failed += 1
+        else:
+            if self.proposal == "independent":
+                prop = flow.propose(self.n_proposals, noise, **kw)
+                clock.lap("proposals")
+                u_new = rp(prop.x.reshape(self.n_proposals, n_atoms, 3).numpy() + centre) * factor
+                clock.lap("energies")
+                lw_new = log_weights(u_new, prop.log_q)
+                self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
+                uni = noise.uniform(self.n_proposals)
+                best = -1
+                for i in range(self.n_proposals):
+                    if bool(metropolis_accept(log_w, lw_new[i:i + 1], uni[i:i + 1])):
+                        log_w, best = lw_new[i:i + 1], i
+                        self.n_accepted += 1
+                if best >= 0:
+                    accepted_any = True
+                    x = prop.x[best].reshape(n_atoms, 3).numpy() + centre
+            else:
+                w, eps = cur.w, cur.eps
+                for _ in range(self.n_proposals):
+                    w_new, _ = noise.partial_redraw(w, self.k)
+                    eps_new = eps
+                    if eps.shape[1] > 0:
+                        B, P, D = eps.shape
+                        eps_new = noise.partial_redraw(eps.reshape(B * P, D), self.k_eps)[0].reshape(B, P, D)
+                    xp, lq = flow.evaluate(w_new, eps_new, **kw)
+                    xp = xp.reshape(n_atoms, 3).numpy() + centre
+                    clock.lap("proposals")
+                    lw_new = log_weights(rp(xp[None]) * factor, lq)
+                    clock.lap("energies")
+                    self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
+                    if bool(metropolis_accept(log_w, lw_new, noise.uniform(1))):
+                        log_w, w, eps, x = lw_new, w_new, eps_new, xp
+                        self.n_accepted += 1
+                        accepted_any = True
+            self.n_proposed += self.n_proposals
+
+        if accepted_any or sampler_state.velocities is None:
+            cache = self._get_context_cache(context_cache)
+            context, _ = cache.get_context(thermodynamic_state)
+            sampler_state.positions = x * unit.nanometer
+            sampler_state.apply_to_context(context, ignore_velocities=True)
+            if accepted_any and not self.reassign_velocities and sampler_state.velocities is not None:
+                sampler_state.apply_to_context(context)
+            else:
+                context.setVelocitiesToTemperature(thermodynamic_state.temperature,
+                                                   int(noise.uniform(1)[0] * 2_147_483_000) + 1)
+            sampler_state.update_from_context(context)
+        self.timing["total"] = self.timing.get("total", 0.0) + time.perf_counter() - t_start
+        self.timing["calls"] = self.timing.get("calls", 0) + 1
+
+    def _refresh_auxiliary(self, x: torch.Tensor, noise: Noise, kw: dict):
+        """The Gibbs refresh of the auxiliary directions given x, u ~ rho(u | x) (never uniform:
+        redrawing u uniformly after an x-move biases the sampler)."""
+        return self._flow.refresh(x, noise, **kw)
+
+    # -- copies and serialization ------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        # openmmtools deep-copies moves per state and per iteration: share the loaded flow and the
+        # energy contexts, copy only the plain settings and counters.
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        memo[id(self)] = new
+        return new
+
+    def __getstate__(self) -> dict:
+        if not self.flow_path:
+            raise ValueError("FlowPerturbationMove can only be serialized with a flow saved to a file: call "
+                             "flow.save(path) before creating the move")
+        if callable(self.prior_scale) and not isinstance(self.prior_scale, str):
+            raise ValueError("a callable prior_scale cannot be serialized; use a number or 'sqrt(T/T0)'")
+        return {"flow_path": self.flow_path, "flow_checksum": self.flow_checksum,
+                "n_proposals": self.n_proposals, "estimator": self.estimator, "proposal": self.proposal,
+                "k": self.k, "k_eps": self.k_eps, "exact_inverse": self.exact_inverse,
+                "prior_scale": None if self.prior_scale is None else
+                (self.prior_scale if isinstance(self.prior_scale, str) else float(self.prior_scale)),
+                "platform": self.platform, "n_workers": self.n_workers, "seed": int(self.seed),
+                "reassign_velocities": self.reassign_velocities, "calls": int(self._calls),
+                "statistics": self.statistics}
+
+    def __setstate__(self, state: dict) -> None:
+        self._flow = load_flow_cached(state["flow_path"], state.get("flow_checksum"))
+        self.flow_path = state["flow_path"]
+        self.flow_checksum = state.get("flow_checksum")
+        for name in ("n_proposals", "estimator", "proposal", "k", "k_eps", "exact_inverse", "prior_scale",
+                     "platform", "n_workers", "seed", "reassign_velocities"):
+            setattr(self, name, state[name])
+        self._calls = int(state.get("calls", 0))
+        self.statistics = state["statistics"]
+        self._energies, self._validated, self.timing = {}, set(), {}

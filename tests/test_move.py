@@ -1,0 +1,166 @@
+"""FlowPerturbationMove on OpenMM energies: exactness on a Gaussian mixture System (openmm-torch),
+bad input, NaN energies, serialization."""
+import copy
+import math
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import unit
+from openmmtools import cache, mcmc, states, testsystems, utils
+
+import openmm_flowpert as fp
+from openmm_flowpert import FlowFileError, FlowPerturbationMove
+from openmm_flowpert.testsystems import GaussianMixture
+
+
+def _run_chains(system, move, n_chains, n_apply, seed=0):
+    """Independent chains (each its own SamplerState, started from exact samples of the 50/50 mix)."""
+    ts = states.ThermodynamicState(system.system, system.temperature)
+    cc = cache.ContextCache(capacity=2)
+    starts = system.target.sample(n_chains, seed=seed, weights=(0.5, 0.5)).reshape(n_chains, -1, 3)
+    left = np.zeros((n_apply, n_chains))
+    energy = np.zeros((n_apply, n_chains))
+    for c in range(n_chains):
+        ss = states.SamplerState(starts[c].numpy() * system.length_scale * unit.nanometer)
+        for i in range(n_apply):
+            move.apply(ts, ss, cc)
+            pos = ss.positions.value_in_unit(unit.nanometer)[None]
+            left[i, c] = system.left(pos)[0]
+            energy[i, c] = system.reduced_energy(pos)[0]
+    return left, energy
+
+
+def _mean_se(values, burn):
+    m = values[burn:].mean(0)
+    return float(m.mean()), float(m.std(ddof=1) / math.sqrt(m.size))
+
+
+@pytest.mark.parametrize("estimator", ["fp++", "fp"])
+def test_move_alone_is_exact_on_gmm_system(gmm_system, gmm_system_flow, estimator):
+    move = FlowPerturbationMove(gmm_system_flow, n_proposals=16, estimator=estimator, seed=3)
+    left, energy = _run_chains(gmm_system, move, n_chains=16, n_apply=24)
+    frac, se = _mean_se(left, burn=6)
+    assert abs(frac - gmm_system.exact_fraction_left) < 3 * se, (frac, se, move.statistics)
+    assert se < 0.06
+    mu, se_mu = _mean_se(energy, burn=6)
+    exact_mu, exact_se = gmm_system.exact_mean_reduced_energy(200_000)
+    assert abs(mu - exact_mu) < 3 * math.hypot(se_mu, exact_se), (mu, se_mu, exact_mu)
+    stats = move.statistics
+    assert stats["n_proposed"] == 16 * 16 * 24 and 0 < stats["n_accepted"] < stats["n_proposed"]
+    assert stats["n_refresh_failed"] == 0
+
+
+def test_velocities_redrawn_and_never_none(gmm_system, gmm_system_flow):
+    ts = states.ThermodynamicState(gmm_system.system, gmm_system.temperature)
+    ss = states.SamplerState(gmm_system.positions)
+    assert ss.velocities is None
+    FlowPerturbationMove(gmm_system_flow, n_proposals=4, seed=1).apply(ts, ss, cache.ContextCache(capacity=1))
+    assert ss.velocities is not None and np.isfinite(ss.velocities.value_in_unit(unit.nanometer / unit.picosecond)).all()
+
+
+def test_serialization_and_deepcopy_share_flow(gmm_system_flow):
+    move = FlowPerturbationMove(gmm_system_flow, n_proposals=4, prior_scale="sqrt(T/T0)", seed=5)
+    move.n_accepted, move.n_proposed = 3, 10
+    data = utils.serialize(move)
+    again = utils.deserialize(copy.deepcopy(data))
+    assert again.statistics == move.statistics and again.prior_scale == "sqrt(T/T0)"
+    assert again.flow is move.flow or again.flow.path == move.flow.path
+    assert copy.deepcopy(move).flow is move.flow
+    assert math.isclose(again._scale(600.0), math.sqrt(2.0))
+
+
+def test_missing_or_changed_flow_file_on_deserialization(gmm_system_flow, tmp_path):
+    path = tmp_path / "f.pt"
+    fp.PerturbedFlow(gmm_system_flow.module, gmm_system_flow.metadata).save(path)  # a copy: fixture untouched
+    move = FlowPerturbationMove(str(path), n_proposals=2, seed=1)
+    data = utils.serialize(move)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(FlowFileError, match="changed"):
+        utils.deserialize(copy.deepcopy(data))
+    path.unlink()
+    with pytest.raises(FlowFileError, match="does not exist"):
+        utils.deserialize(copy.deepcopy(data))
+
+
+def test_hutchinson_refused(gmm_system_flow):
+    with pytest.raises(ValueError, match="biased"):
+        FlowPerturbationMove(gmm_system_flow, estimator="hutchinson")
+
+
+# -- bad input -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_flows(tmp_path_factory):
+    """Barely trained flows: enough for the input checks."""
+    folder = tmp_path_factory.mktemp("tiny")
+    out = {}
+    ala = testsystems.AlanineDipeptideVacuum(constraints=None)
+    x = np.asarray(ala.positions.value_in_unit(unit.nanometer))
+    gen = np.random.default_rng(0)
+    for name, n, com in [("ala", 22, True), ("one", 1, False), ("four", 4, False)]:
+        base = x[:n] if name == "ala" else np.zeros((n, 3))
+        samples = base + 0.01 * gen.standard_normal((200, n, 3))
+        flow = fp.train_flow(samples, remove_com=com, epochs=1, hidden=8, n_layers=1, n_steps=2, progress=False)
+        flow.save(folder / f"{name}.pt")
+        out[name] = flow
+    return out
+
+
+def _apply(system, positions, flow, **kw):
+    ts = states.ThermodynamicState(system, 300 * unit.kelvin)
+    ss = states.SamplerState(positions)
+    move = FlowPerturbationMove(flow, n_proposals=2, seed=0, **kw)
+    move.apply(ts, ss, cache.ContextCache(capacity=1))
+    return move, ss
+
+
+def test_constrained_system_is_rejected(tiny_flows):
+    ala = testsystems.AlanineDipeptideVacuum()  # HBonds constraints by default
+    with pytest.raises(ValueError, match=r"\d+ constraints.*constraints=None"):
+        _apply(ala.system, ala.positions, tiny_flows["ala"])
+
+
+def test_periodic_system_is_rejected(tiny_flows):
+    lj = testsystems.LennardJonesFluid(nparticles=22)
+    with pytest.raises(ValueError, match="periodic"):
+        _apply(lj.system, lj.positions, tiny_flows["ala"])
+
+
+def test_massless_particle_is_rejected(tiny_flows):
+    ala = testsystems.AlanineDipeptideVacuum(constraints=None)
+    ala.system.setParticleMass(3, 0.0)
+    with pytest.raises(ValueError, match="massless"):
+        _apply(ala.system, ala.positions, tiny_flows["ala"])
+
+
+def test_atom_count_mismatch_is_rejected(tiny_flows):
+    ala = testsystems.AlanineDipeptideVacuum(constraints=None)
+    with pytest.raises(ValueError, match="mismatch"):
+        _apply(ala.system, ala.positions, tiny_flows["four"])
+
+
+def test_mean_free_flow_on_external_force_system_is_rejected(tiny_flows):
+    ala = testsystems.AlanineDipeptideVacuum(constraints=None)
+    restraint = openmm.CustomExternalForce("10*(x^2+y^2+z^2)")
+    for i in range(22):
+        restraint.addParticle(i, [])
+    ala.system.addForce(restraint)
+    with pytest.raises(ValueError, match="not translation invariant"):
+        _apply(ala.system, ala.positions, tiny_flows["ala"])
+
+
+def test_nan_energies_are_counted_rejections(tiny_flows):
+    """An energy that is NaN for x < 0 (sqrt of a negative number): proposals there are rejected,
+    counted, and nothing raises."""
+    system = openmm.System()
+    system.addParticle(12.0)
+    f = openmm.CustomExternalForce("sqrt(x) + y^2 + z^2")
+    f.addParticle(0, [])
+    system.addForce(f)
+    move, ss = _apply(system, np.array([[0.5, 0.0, 0.0]]) * unit.nanometer, tiny_flows["one"],
+                      platform="Reference")
+    move.n_proposals = 64
+    move.apply(states.ThermodynamicState(system, 300 * unit.kelvin), ss, cache.ContextCache(capacity=1))
+    assert move.n_nonfinite > 0
+    assert ss.positions.value_in_unit(unit.nanometer)[0, 0] >= 0
