@@ -15,10 +15,12 @@ conditioned), 20 RK4 steps on the quadratic grid, float64, batch B = 256, this p
   stiff synthetic molecule (bond-like fluctuations of 0.005 nm next to 0.05 nm ones).
 
 Every timed call is warmed up ``--warmup`` times first (TorchScript's profiling executor
-re-optimizes on the first calls of each method/argument combination); times are medians of
-``--reps`` runs. Thread count and load average are printed: on a shared machine a multi-threaded
-run can be far slower than a single-threaded one (OpenMP threads wait for descheduled peers), so
-compare ratios within one run.
+re-optimizes on the first calls of each method/argument combination); the calls of one flow are then
+timed round-robin and reported as medians of ``--reps`` runs, in wall-clock and in process CPU
+time (with ``--threads 1`` the CPU time is the cost of the call, nearly independent of other jobs).
+Thread count and load average are printed: on a shared machine a multi-threaded run can be far
+slower than a single-threaded one (OpenMP threads wait for descheduled peers), so compare ratios
+within one run, and prefer ``--threads 1`` when the machine is busy.
 """
 from __future__ import annotations
 
@@ -53,17 +55,32 @@ def load() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def timed(fn, reps: int, warmup: int) -> tuple:
-    """(median ms, list of ms) of ``fn()`` after ``warmup`` untimed calls."""
+class Timing:
+    """Medians (ms) of wall-clock and process CPU time over the timed runs of one call."""
+
+    def __init__(self, wall: list, cpu: list):
+        self.walls, self.cpus = wall, cpu
+        self.wall, self.cpu = statistics.median(wall), statistics.median(cpu)
+
+
+def timed_many(calls: dict, reps: int, warmup: int) -> dict:
+    """{name: Timing}: every call warmed up ``warmup`` times, then timed round-robin (one run of
+    each per repeat), so that a change of machine load during the measurement affects all of them
+    alike. Process CPU time (all threads) is recorded next to wall time: with one thread it is
+    what the call costs, nearly independent of other jobs on the machine."""
+    walls = {k: [] for k in calls}
+    cpus = {k: [] for k in calls}
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
+        for fn in calls.values():
+            for _ in range(warmup):
+                fn()
         for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times), times
+            for k, fn in calls.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                walls[k].append(1e3 * (time.perf_counter() - t0))
+                cpus[k].append(1e3 * (time.process_time() - c0))
+    return {k: Timing(walls[k], cpus[k]) for k in calls}
 
 
 def random_flow(n_particles: int, hidden: int, n_layers: int, n_steps: int, seed: int) -> PerturbedFlow:
@@ -109,57 +126,67 @@ def fmt_times(ts) -> str:
     return ", ".join(f"{t:.0f}" for t in ts)
 
 
-def bench_random(n_particles: int, B: int, B_jac: int, args, out: list) -> dict:
+def bench_random(n_particles: int, B: int, B_jac: int, args, out: list) -> None:
     flow = random_flow(n_particles, 256, 3, 20, seed=n_particles)
     m, d, D = flow.module, flow.d, flow.dim
     z, e1, ek = inputs(flow, B, seed=1)
-    rows = []  # (estimator, inverse, batch, ms, per-sample ratio)
-    fwd_ms, fwd_all = timed(lambda: m.sample(z), args.reps, args.warmup)
-    fwd_ps = fwd_ms / B
-    rows.append(("forward (sample)", "-", B, fwd_ms, 1.0, fwd_all))
-    res = {"forward": fwd_ps}
+    calls = {"forward": lambda: m.sample(z)}
     for est, probes in (("fp", e1), ("fp++", ek)):
         for exact in (False, True):
-            ms, all_ = timed(lambda: m.log_q(z, probes, est, exact, 1.0), args.reps, args.warmup)
-            res[(est, exact)] = ms / B
-            rows.append((est, "exact" if exact else "fast", B, ms, ms / B / fwd_ps, all_))
-    ms, all_ = timed(lambda: m.log_q(z, e1, "hutchinson", False, 1.0), args.reps, args.warmup)
-    res["hutchinson"] = ms / B
-    rows.append(("hutchinson (N=1)", "-", B, ms, ms / B / fwd_ps, all_))
+            calls[(est, exact)] = (lambda est=est, probes=probes, exact=exact:
+                                   m.log_q(z, probes, est, exact, 1.0))
+    calls["hutchinson"] = lambda: m.log_q(z, e1, "hutchinson", False, 1.0)
+    t = timed_many(calls, args.reps, args.warmup)
+    fwd = t["forward"]
+    # rows: (name, inverse, batch, Timing, reference forward Timing at B)
+    rows = [("forward (sample)", "-", B, fwd, fwd)]
+    for est in ("fp", "fp++"):
+        for exact in (False, True):
+            rows.append((est, "exact" if exact else "fast", B, t[(est, exact)], fwd))
+    rows.append(("hutchinson (N=1)", "-", B, t["hutchinson"], fwd))
 
     # jacobian: warm up on a batch of one (each call is d vector-Jacobian products per step and
-    # sample), then one untimed call and the timed ones at B_jac.
+    # sample), then one untimed call each and timed round-robin with the forward pass at B and
+    # B_jac; its ratio is to the forward per sample at B timed alongside it.
     zj = z[:B_jac].contiguous()
-    nothing_1 = torch.zeros(1, 0, D, dtype=F64)
-    nothing = torch.zeros(B_jac, 0, D, dtype=F64)
     with torch.no_grad():
         for _ in range(args.warmup):
-            m.log_q(z[:1].contiguous(), nothing_1, "jacobian", False, 1.0)
-    ms, all_ = timed(lambda: m.log_q(zj, nothing, "jacobian", False, 1.0), args.jac_reps, 1)
-    res["jacobian"] = ms / B_jac
-    rows.append(("jacobian", "-", B_jac, ms, ms / B_jac / fwd_ps, all_))
-    fwdj_ms, fwdj_all = timed(lambda: m.sample(zj), args.reps, args.warmup)
-    rows.append(("forward (sample), jacobian's batch", "-", B_jac, fwdj_ms, fwdj_ms / B_jac / fwd_ps, fwdj_all))
+            m.log_q(z[:1].contiguous(), torch.zeros(1, 0, D, dtype=F64), "jacobian", False, 1.0)
+    nothing = torch.zeros(B_jac, 0, D, dtype=F64)
+    tj = timed_many({"jacobian": lambda: m.log_q(zj, nothing, "jacobian", False, 1.0),
+                     "forward": lambda: m.sample(z), "forward small": lambda: m.sample(zj)},
+                    args.jac_reps, 1)
+    rows.append(("jacobian", "-", B_jac, tj["jacobian"], tj["forward"]))
+    rows.append(("forward (sample), jacobian's batch", "-", B_jac, tj["forward small"], tj["forward"]))
+    rows.append(("forward (sample), timed with the jacobian", "-", B, tj["forward"], tj["forward"]))
+
+    def ratio(tm: Timing, bb: int, ref: Timing, cpu: bool) -> float:
+        return (tm.cpu / bb) / (ref.cpu / B) if cpu else (tm.wall / bb) / (ref.wall / B)
 
     out.append(f"\n### d = {d} (mean-free, {n_particles} particles, D = {D}); B = {B}\n")
-    out.append("| estimator | inverse | batch | ms / call (median) | cost per sample / forward per sample (B = %d) | all runs (ms) |" % B)
-    out.append("|---|---|---:|---:|---:|---|")
-    for name, inv, bb, ms_, ratio, all_ in rows:
-        out.append(f"| {name} | {inv} | {bb} | {ms_:.1f} | {ratio:.2f}x | {fmt_times(all_)} |")
+    out.append(f"Ratios: cost per sample / forward cost per sample at B = {B} (wall clock; process CPU time).\n")
+    out.append("| estimator | inverse | batch | wall ms / call | ratio (wall) | CPU ms / call | ratio (CPU) | wall times of the runs (ms) |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---|")
+    for name, inv, bb, tm, ref in rows:
+        out.append(f"| {name} | {inv} | {bb} | {tm.wall:.1f} | {ratio(tm, bb, ref, False):.2f}x | {tm.cpu:.1f} | "
+                   f"{ratio(tm, bb, ref, True):.2f}x | {fmt_times(tm.walls)} |")
 
     # targets
-    fpf, fppf = res[("fp", False)] / fwd_ps, res[("fp++", False)] / fwd_ps
-    jac_over_fp = res["jacobian"] / res[("fp", False)]
-    jac_over_fp_exact = res["jacobian"] / res[("fp", True)]
     out.append("")
-    out.append("| target | measured | pass |")
-    out.append("|---|---:|---|")
-    out.append(f"| fp (fast inverse) <= 3.5x forward | {fpf:.2f}x | {'yes' if fpf <= 3.5 else 'NO'} |")
-    out.append(f"| fp++ (fast inverse) <= 3.5x forward | {fppf:.2f}x | {'yes' if fppf <= 3.5 else 'NO'} |")
-    out.append(f"| jacobian >= d/4 = {d / 4:.1f}x fp (fast), per sample | {jac_over_fp:.1f}x "
-               f"(vs fp exact: {jac_over_fp_exact:.1f}x) | {'yes' if jac_over_fp >= d / 4 else 'NO'} |")
-    out.append(f"\nexact / fast cost: fp {res[('fp', True)] / res[('fp', False)]:.2f}x, "
-               f"fp++ {res[('fp++', True)] / res[('fp++', False)]:.2f}x")
+    by_cpu = torch.get_num_threads() == 1
+    out.append(f"| target | measured (wall) | measured (CPU) | pass (judged on {'CPU' if by_cpu else 'wall'} time) |")
+    out.append("|---|---:|---:|---|")
+    for est in ("fp", "fp++"):
+        rw, rc = ratio(t[(est, False)], B, fwd, False), ratio(t[(est, False)], B, fwd, True)
+        out.append(f"| {est} (fast inverse) <= 3.5x forward | {rw:.2f}x | {rc:.2f}x | "
+                   f"{'yes' if (rc if by_cpu else rw) <= 3.5 else 'NO'} |")
+    jw = ratio(tj["jacobian"], B_jac, tj["forward"], False) / ratio(t[("fp", False)], B, fwd, False)
+    jc = ratio(tj["jacobian"], B_jac, tj["forward"], True) / ratio(t[("fp", False)], B, fwd, True)
+    jcx = ratio(tj["jacobian"], B_jac, tj["forward"], True) / ratio(t[("fp", True)], B, fwd, True)
+    out.append(f"| jacobian >= d/4 = {d / 4:.1f}x fp (fast inverse), per sample | {jw:.1f}x | {jc:.1f}x "
+               f"(vs fp exact: {jcx:.1f}x) | {'yes' if (jc if by_cpu else jw) >= d / 4 else 'NO'} |")
+    out.append("\nexact / fast cost (CPU): " + ", ".join(
+        f"{est} {t[(est, True)].cpu / t[(est, False)].cpu:.2f}x" for est in ("fp", "fp++")))
 
     # exact vs fast log W
     _, e1b, ekb = inputs(flow, B, seed=2)
@@ -170,7 +197,6 @@ def bench_random(n_particles: int, B: int, B_jac: int, args, out: list) -> dict:
         r = discrepancy(m, z, probes, est)
         pn = probe_noise(m, z, probes, probes_b, est)
         out.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
-    return res
 
 
 def stiff_samples(n_atoms: int, n_samples: int, seed: int) -> torch.Tensor:
@@ -212,27 +238,32 @@ def bench_trained(args, out: list) -> None:
         r = discrepancy(m, z, probes, est)
         pn = probe_noise(m, z, probes, probes_b, est)
         out.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
-    fwd_ms, fwd_all = timed(lambda: m.sample(z), args.reps, args.warmup)
-    out.append("")
-    out.append("| call | ms / call (median) | / forward | all runs (ms) |")
-    out.append("|---|---:|---:|---|")
-    out.append(f"| forward (sample) | {fwd_ms:.1f} | 1.00x | {fmt_times(fwd_all)} |")
-    cost = {}
+    calls = {"forward": lambda: m.sample(z)}
     for est, probes in (("fp", e1), ("fp++", ek)):
         for exact in (False, True):
-            ms, all_ = timed(lambda: m.log_q(z, probes, est, exact, 1.0), args.reps, args.warmup)
-            cost[(est, exact)] = ms
-            out.append(f"| {est}, {'exact' if exact else 'fast'} inverse | {ms:.1f} | {ms / fwd_ms:.2f}x | {fmt_times(all_)} |")
-    out.append(f"\nexact / fast cost: fp {cost[('fp', True)] / cost[('fp', False)]:.2f}x, "
-               f"fp++ {cost[('fp++', True)] / cost[('fp++', False)]:.2f}x")
+            calls[(est, exact)] = (lambda est=est, probes=probes, exact=exact:
+                                   m.log_q(z, probes, est, exact, 1.0))
+    t = timed_many(calls, args.reps, args.warmup)
+    fwd = t["forward"]
+    out.append("")
+    out.append("| call | wall ms / call | / forward (wall) | CPU ms / call | / forward (CPU) | wall times of the runs (ms) |")
+    out.append("|---|---:|---:|---:|---:|---|")
+    for key, label in [("forward", "forward (sample)")] + [((e, x), f"{e}, {'exact' if x else 'fast'} inverse")
+                                                         for e in ("fp", "fp++") for x in (False, True)]:
+        tm = t[key]
+        out.append(f"| {label} | {tm.wall:.1f} | {tm.wall / fwd.wall:.2f}x | {tm.cpu:.1f} | {tm.cpu / fwd.cpu:.2f}x | "
+                   f"{fmt_times(tm.walls)} |")
+    out.append("\nexact / fast cost (CPU): " + ", ".join(
+        f"{est} {t[(est, True)].cpu / t[(est, False)].cpu:.2f}x" for est in ("fp", "fp++")))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: B = 64, 3 repeats, small jacobian batches, 5 epochs")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch intra-op threads (default 2; use 1 on a busy machine)")
     ap.add_argument("--batch", type=int, default=None, help="batch B (default 256; 64 with --quick)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repeats (default 7; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
     ap.add_argument("--jac-batch", type=int, nargs=2, default=None, metavar=("B66", "B498"),
                     help="jacobian batches for d = 66 and d = 498 (default 32 4; 4 1 with --quick)")
@@ -246,7 +277,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     q = args.quick
     args.batch = args.batch or (64 if q else 256)
-    args.reps = args.reps or (3 if q else 5)
+    args.reps = args.reps or (3 if q else 7)
     args.jac_batch = args.jac_batch or ([4, 1] if q else [32, 4])
     args.jac_reps = args.jac_reps or (1 if q else 3)
     args.epochs = args.epochs or (5 if q else 15)
