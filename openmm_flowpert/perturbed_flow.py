@@ -238,8 +238,8 @@ class PerturbedFlow:
 
     @torch.no_grad()
     def refresh(self, x, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
-                exact_inverse: Optional[bool] = None, prior_scale: Optional[float] = None,
-                probes: str = "gaussian") -> Proposal:
+                prior_scale: Optional[float] = None, probes: str = "gaussian",
+                exact_inverse: Optional[bool] = None) -> Proposal:
         """Map positions to the latent space and redraw the auxiliary directions from rho(u | x).
 
         This Gibbs step makes any x-move (MD, replica swaps) followed by flow-perturbation
@@ -248,13 +248,17 @@ class PerturbedFlow:
         unprojected latent state (w, eps) with w = z/s + (I - P) g and eps = r u + (I - P) g',
         r ~ chi_d, so that latent-local moves can continue from it. Rows whose exact inverse did
         not converge have NaN log q.
+
+        The map x -> z always uses the exact inverse of the discrete flow (a z that does not map
+        back to x would make the state inconsistent); ``exact_inverse`` is accepted so that the
+        same keyword set serves ``propose`` and ``refresh``, and is ignored here.
         """
-        exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
+        _, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
         xf = self._flat(x)
         B, D, P = xf.shape[0], self.dim, self.n_probe_sets(estimator, n_probes)
         g = noise.gaussian(B, D, self._mf, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
         with _plain_execution():
-            z, u, log_q = self.module.refresh(xf, g, estimator, exact, s)
+            z, u, log_q = self.module.refresh(xf, g, estimator, True, s)
         w = z / s + self._complement(noise, B, 0)
         if P > 0 and estimator in ("fp", "fp++"):
             r = noise.chi(B * P, self.d).reshape(B, P, 1)

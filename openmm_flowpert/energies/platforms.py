@@ -1,6 +1,6 @@
 """Automatic OpenMM platform and worker-count choice.
 
-Measured on a 2-core VM without GPU (OpenMM 8.5.2, ``docs/benchmarks-energies.md``):
+Measured on a 2-core VM without GPU (OpenMM 8.5.2, ``docs/benchmarks.md, section 4``):
 
 - alanine dipeptide in vacuum (22 atoms): one energy costs about 18 us on Reference (a second
   worker does not help: the Python work under the GIL dominates) and about 70 us on the CPU platform

@@ -127,6 +127,8 @@ class PerturbedFlowModule(nn.Module):
         u = J g / |J g| with g the Gaussian ``probes`` (J = J_f for fp, J_k at x_{k-1} for fp++),
         so |J^-1 u| = 1 / |J g^| exactly (g^ = g / |g|). Returns (z, u, log q); u has the shape of
         ``probes``. ``jacobian`` and ``hutchinson`` return u = probes and their usual log q.
+        ``exact_inverse=False`` (reverse steps for x -> z) is for diagnostics only: z then does not
+        map back to x exactly.
         """
         y, logdet_t = self.transform.inverse(x)
         z = self.cnf.inverse(y, exact_inverse)
