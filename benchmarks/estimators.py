@@ -28,7 +28,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import statistics
 import time
 
@@ -36,19 +35,11 @@ import torch
 
 from openmm_flowpert import PerturbedFlow, train_flow
 from openmm_flowpert.flow import VelocityMLP, time_grid
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 F64 = torch.float64
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load() -> str:

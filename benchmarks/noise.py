@@ -12,13 +12,13 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 from openmm_flowpert.noise import _fallback, _native
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def median_ms(fn, reps: int) -> float:
@@ -32,15 +32,6 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:

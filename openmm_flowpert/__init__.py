@@ -19,9 +19,17 @@ from .noise import Noise  # noqa: E402
 from .perturbed_flow import FlowFileError, PerturbedFlow, Proposal  # noqa: E402
 from .samplers import MetropolisResult, run_metropolis  # noqa: E402
 from .training import train_flow  # noqa: E402
-from .moves import FlowPerturbationMove  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # openmmtools (and the pymbar banners it prints) are imported only when the move is used.
+    if name == "FlowPerturbationMove":
+        from .moves import FlowPerturbationMove
+
+        return FlowPerturbationMove
+    raise AttributeError(f"module 'openmm_flowpert' has no attribute {name!r}")
 
 __all__ = ["FlowPerturbationMove", "Noise", "PerturbedFlow", "Proposal", "FlowFileError", "train_flow", "run_metropolis",
            "MetropolisResult", "noise", "testsystems"]

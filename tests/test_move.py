@@ -164,3 +164,42 @@ def test_nan_energies_are_counted_rejections(tiny_flows):
     move.apply(states.ThermodynamicState(system, 300 * unit.kelvin), ss, cache.ContextCache(capacity=1))
     assert move.n_nonfinite > 0
     assert ss.positions.value_in_unit(unit.nanometer)[0, 0] >= 0
+
+
+def test_nan_flow_outputs_are_counted_rejections(gmm_system, gmm_system_flow):
+    """Proposals whose flow output is NaN (e.g. a diverging inverse) are rejections, not errors;
+    a current state whose latent cannot be computed leaves the positions unchanged."""
+    ts = states.ThermodynamicState(gmm_system.system, gmm_system.temperature)
+    ss = states.SamplerState(gmm_system.positions)
+    x0 = ss.positions.value_in_unit(unit.nanometer).copy()
+
+    class NaNProposals(FlowPerturbationMove):
+        def apply(self, *args, **kw):
+            orig = self.flow.propose
+
+            def propose(*a, **k):
+                p = orig(*a, **k)
+                p.x[::2] = float("nan")
+                p.log_q[1::2] = float("nan")
+                return p
+            self.flow.propose = propose
+            try:
+                return super().apply(*args, **kw)
+            finally:
+                del self.flow.propose
+
+    move = NaNProposals(gmm_system_flow, n_proposals=8, seed=2)
+    move.apply(ts, ss, cache.ContextCache(capacity=1))
+    assert move.n_nonfinite == 8 and move.n_accepted == 0
+    assert np.allclose(ss.positions.value_in_unit(unit.nanometer), x0)
+
+    class FailedInverse(FlowPerturbationMove):
+        def _refresh_auxiliary(self, x, noise, kw):
+            cur = super()._refresh_auxiliary(x, noise, kw)
+            cur.log_q[:] = float("nan")
+            return cur
+
+    move = FailedInverse(gmm_system_flow, n_proposals=8, seed=2)
+    move.apply(ts, ss, cache.ContextCache(capacity=1))
+    assert move.n_refresh_failed == 1 and move.n_proposed == 0
+    assert np.allclose(ss.positions.value_in_unit(unit.nanometer), x0)
