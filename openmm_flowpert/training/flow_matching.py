@@ -96,9 +96,12 @@ def train_flow(samples, *, remove_com: Optional[bool] = None, n_steps: int = 20,
     gen = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
 
-    # Data-scale normalization: the fixed affine transform of the flow.
+    # Data-scale normalization (the flow's fixed affine transform): the mean structure and the
+    # spread *around* it -- one number for a mean-free flow, one per coordinate otherwise -- so the
+    # normalized data have unit scale like the prior and the flow is not needlessly stiff.
     shift = x.mean(0)
-    scale = x.std().reshape(1) if remove_com else x.std(0).clamp_min(1e-6)
+    dev = x - shift
+    scale = dev.pow(2).mean().sqrt().clamp_min(1e-6).reshape(1) if remove_com else dev.std(0).clamp_min(1e-6)
     transform = Affine(shift, scale, n_particles=npart)
     y = ((x - transform.shift) / transform.scale).float()
 
