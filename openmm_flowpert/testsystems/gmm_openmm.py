@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import openmm
 import openmm.app
-import openmmtorch
 from openmm import unit
 
 from .gmm import GaussianMixtureTarget
@@ -100,6 +99,8 @@ class GaussianMixture:
         self.system = openmm.System()
         for _ in range(self.n_particles):
             self.system.addParticle(float(mass) * unit.amu)
+        import openmmtorch  # imported here: it prints a deprecation warning at import
+
         force = openmmtorch.TorchForce(self.module)   # the module bytes are embedded, XML-serializable
         force.setUsesPeriodicBoundaryConditions(False)
         self.system.addForce(force)
