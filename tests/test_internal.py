@@ -140,9 +140,7 @@ def test_bad_zmatrix_rejected(ala):
 
 def test_cln025_heavy_atoms_round_trip():
     """Chignolin (5awl, heavy atoms; ring of Tyr/Trp side chains closes without a placement bond)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "5awl.pdb")
-    if not os.path.exists(path):
-        pytest.skip("5awl.pdb not available")
+    path = os.path.join(os.path.dirname(openmm_flowpert.__file__), "data", "5awl.pdb")  # shipped with the package
     pdb = app.PDBFile(path)
     top = pdb.topology
     if top.getNumBonds() == 0:
