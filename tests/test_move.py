@@ -47,6 +47,10 @@ def test_move_alone_is_exact_on_gmm_system(gmm_system, gmm_system_flow, estimato
     mu, se_mu = _mean_se(energy, burn=6)
     exact_mu, exact_se = gmm_system.exact_mean_reduced_energy(200_000)
     assert abs(mu - exact_mu) < 3 * math.hypot(se_mu, exact_se), (mu, se_mu, exact_mu)
+    # negative control: the same flow without the Metropolis test (every proposal accepted, i.e. raw
+    # flow samples) is far from exact at this standard error
+    raw = float(gmm_system.left(gmm_system_flow.sample(4000, seed=5).numpy()).mean())
+    assert abs(raw - gmm_system.exact_fraction_left) > 4 * se, (raw, se)
     stats = move.statistics
     assert stats["n_proposed"] == 16 * 16 * 24 and 0 < stats["n_accepted"] < stats["n_proposed"]
     assert stats["n_refresh_failed"] == 0
