@@ -113,6 +113,17 @@ def probe_noise(m, z, probes_a, probes_b, est: str) -> float:
     return float((a - b).std() / math.sqrt(2.0))
 
 
+def discrepancy_table(m, z, probes, probes_b) -> list:
+    """Markdown rows: exact-vs-fast |dlog W| and probe noise for fp and fp++ (probes = (fp, fp++) sets)."""
+    rows = ["| estimator | max abs(dlog W) | rms | mean | std over batch | exact-inverse NaN rows | probe noise std(log W) (fast) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for est, p, pb in zip(("fp", "fp++"), probes, probes_b):
+        r = discrepancy(m, z, p, est)
+        pn = probe_noise(m, z, p, pb, est)
+        rows.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
+    return rows
+
+
 def fmt_times(ts) -> str:
     return ", ".join(f"{t:.0f}" for t in ts)
 
@@ -182,12 +193,7 @@ def bench_random(n_particles: int, B: int, B_jac: int, args, out: list) -> None:
     # exact vs fast log W
     _, e1b, ekb = inputs(flow, B, seed=2)
     out.append("")
-    out.append("| estimator | max abs(dlog W) | rms | mean | std over batch | exact-inverse NaN rows | probe noise std(log W) (fast) |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
-    for est, probes, probes_b in (("fp", e1, e1b), ("fp++", ek, ekb)):
-        r = discrepancy(m, z, probes, est)
-        pn = probe_noise(m, z, probes, probes_b, est)
-        out.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
+    out.extend(discrepancy_table(m, z, (e1, ek), (e1b, ekb)))
 
 
 def stiff_samples(n_atoms: int, n_samples: int, seed: int) -> torch.Tensor:
@@ -223,12 +229,7 @@ def bench_trained(args, out: list) -> None:
         zf = flow.module.cnf.inverse(y, False)
     out.append(f"Round trip of the CNF part, max |f^-1(f(z)) - z|: exact inverse {float((zr - z).abs().max()):.1e}, "
                f"fast (reverse steps) {float((zf - z).abs().max()):.1e}.\n")
-    out.append("| estimator | max abs(dlog W) | rms | mean | std over batch | exact-inverse NaN rows | probe noise std(log W) (fast) |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
-    for est, probes, probes_b in (("fp", e1, e1b), ("fp++", ek, ekb)):
-        r = discrepancy(m, z, probes, est)
-        pn = probe_noise(m, z, probes, probes_b, est)
-        out.append(f"| {est} | {r['max']:.2e} | {r['rms']:.2e} | {r['mean']:.2e} | {r['std']:.2e} | {r['n_nan']} | {pn:.3f} |")
+    out.extend(discrepancy_table(m, z, (e1, ek), (e1b, ekb)))
     calls = {"forward": lambda: m.sample(z)}
     for est, probes in (("fp", e1), ("fp++", ek)):
         for exact in (False, True):

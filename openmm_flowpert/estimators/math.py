@@ -22,12 +22,6 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
-def log_stretch(plus: torch.Tensor, minus: torch.Tensor, eps: float) -> torch.Tensor:
-    """log || (plus - minus) / (2 eps) || per row: the log length of a central-difference
-    directional derivative (J^-1 u through an inverse, or J g through a forward map)."""
-    return log_norm(plus - minus) - math.log(2.0 * eps)
-
-
 def split_pm(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Split a batch stacked as [plus; minus] into its two halves."""
     n = v.shape[0] // 2
