@@ -16,7 +16,7 @@ import torch
 
 from . import noise as _noise
 from .estimators import ESTIMATORS, PerturbedFlowModule
-from .flow import CNF, Affine
+from .flow import CNF, Affine, NormalizedInternal, frame_rotation, haar_rotations
 
 __all__ = ["PerturbedFlow", "Proposal", "FlowFileError", "file_checksum"]
 
@@ -115,23 +115,43 @@ class PerturbedFlow:
               n_atoms: Optional[int] = None) -> "PerturbedFlow":
         """Script a flow from a velocity field (converted to float64 and frozen) and a time grid.
 
-        ``n_particles > 0`` makes the flow mean-free over that many particles; ``n_atoms`` (default:
+        ``n_particles > 0`` makes the CNF mean-free over that many particles; ``n_atoms`` (default:
         ``n_particles``) sets the (B, n_atoms, 3) shape of positions, also for flows that are not
-        mean-free (0: flat (B, D) vectors)."""
+        mean-free (0: flat (B, D) vectors). A :class:`~openmm_flowpert.flow.NormalizedInternal`
+        transform makes a molecular flow in internal coordinates: the CNF then works in 3N - 6
+        dimensions (``n_particles`` must be 0), positions are mean-free and the orientation of each
+        proposal is drawn from the Haar measure (or taken from a reference, see :meth:`evaluate`).
+        """
         velocity = velocity.double().eval()
         for p in velocity.parameters():
             p.requires_grad_(False)
         cnf = CNF(velocity, times, n_particles=n_particles, scheme=scheme)
+        internal = isinstance(transform, NormalizedInternal)
+        if internal:
+            if n_particles:
+                raise ValueError("an internal-coordinate flow has a plain (not mean-free) CNF: use n_particles=0")
+            if transform.dim != cnf.dim:
+                raise ValueError(f"the velocity field has {cnf.dim} coordinates; the internal-coordinate "
+                                 f"transform needs {transform.dim} (3N - 6)")
+            n_atoms = transform.n_atoms
         if transform is None:
             transform = Affine(torch.zeros(cnf.dim), torch.ones(1), n_particles=n_particles)
-        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=cnf.dim))
+        x_dim = 3 * transform.n_atoms if internal else cnf.dim
+        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=x_dim))
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "units": "nm",
-            "n_atoms": int(n_particles if n_atoms is None else n_atoms), "remove_com": bool(n_particles > 0),
-            "dim": cnf.dim, "d": cnf.d, "x_dim": cnf.dim,
+            "n_atoms": int(n_particles if n_atoms is None else n_atoms),
+            "remove_com": bool(n_particles > 0 or internal), "latent_particles": int(n_particles),
+            "dim": cnf.dim, "d": cnf.d, "x_dim": x_dim,
             "prior_scale": float(prior_scale), "integrator": scheme, "n_steps": cnf.n_steps,
             "times": [float(t) for t in times], "temperature": temperature,
+            "coordinates": "internal" if internal else "cartesian",
         }
+        if internal:
+            ic = transform.ic
+            meta["orientation"] = "haar"
+            meta["frame"] = [ic.a0, ic.a1, ic.a2, bool(ic.a2_on_a0)]
+            meta["zmatrix"] = ic.zmatrix.tolist()
         meta.update(extra or {})
         return cls(module, meta)
 
@@ -166,9 +186,39 @@ class PerturbedFlow:
         return float(self.metadata["prior_scale"])
 
     @property
+    def coordinates(self) -> str:
+        """``"cartesian"`` or ``"internal"`` (the CNF works in normalized internal coordinates)."""
+        return str(self.metadata.get("coordinates", "cartesian"))
+
+    @property
     def _mf(self) -> int:
-        """Particles of the mean-free projection (0 when the flow is not mean-free)."""
+        """Particles of the mean-free projection of positions (0 when they are not mean-free)."""
         return self.n_atoms if self.remove_com else 0
+
+    @property
+    def _lmf(self) -> int:
+        """Particles of the mean-free projection of the latent space (0 when it is plain)."""
+        return int(self.metadata.get("latent_particles", self._mf))
+
+    def _orient(self, x: torch.Tensor, reference, noise: Optional[_noise.Noise]) -> torch.Tensor:
+        """Rotate canonical-frame proposals of an internal-coordinate flow (no-op otherwise).
+
+        With ``reference`` positions (B or 1, N, 3) the proposals take the orientation of the
+        reference's Z-matrix frame; otherwise a Haar-random rotation from ``noise`` (or none).
+        """
+        if self.metadata.get("orientation") != "haar":
+            return x
+        B = x.shape[0]
+        p = x.reshape(B, self.n_atoms, 3)
+        frame = tuple(self.metadata["frame"])
+        if reference is not None:
+            ref = self._flat(reference).reshape(-1, self.n_atoms, 3)
+            R = frame_rotation(ref, frame).expand(B, 3, 3)
+        elif noise is not None:
+            R = haar_rotations(noise.gaussian(B, 4))
+        else:
+            return x
+        return torch.einsum("bij,bnj->bni", R, p).reshape(B, -1)
 
     # -- shapes ------------------------------------------------------------------------------------
     def _flat(self, x) -> torch.Tensor:
@@ -205,7 +255,7 @@ class PerturbedFlow:
     def latent(self, w: torch.Tensor, prior_scale: Optional[float] = None) -> torch.Tensor:
         """z = s P w: the latent for an unprojected standard-normal state w (B, D)."""
         s = self.prior_scale if prior_scale is None else float(prior_scale)
-        return s * _noise.project_mean_free(w, self._mf)
+        return s * _noise.project_mean_free(w, self._lmf)
 
     # -- sampling and estimates --------------------------------------------------------------------
     def n_probe_sets(self, estimator: str, n_probes: int = 1) -> int:
@@ -215,25 +265,34 @@ class PerturbedFlow:
     @torch.no_grad()
     def evaluate(self, w: torch.Tensor, eps: torch.Tensor, estimator: str = "fp++",
                  exact_inverse: Optional[bool] = None, prior_scale: Optional[float] = None,
-                 probes: str = "gaussian") -> Tuple[torch.Tensor, torch.Tensor]:
+                 probes: str = "gaussian", reference=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Positions and log q estimate for a given latent state (w (B, D), eps (B, P, D)).
 
-        Returns x ((B, n_atoms, 3) nm or (B, D)) and log_q (B,) in nats.
+        Returns x ((B, n_atoms, 3) nm or (B, D)) and log_q (B,) in nats. For an internal-coordinate
+        flow, x is in the canonical frame, or in the orientation of ``reference`` positions
+        ((B or 1, N, 3), nm) if given; log q does not depend on the orientation.
         """
         exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
         with _plain_execution():
             x, log_q = self.module.log_q(self.latent(w, s), eps, estimator, exact, s)
-        return self._shape(x), log_q
+        return self._shape(self._orient(x, reference, None)), log_q
 
     def propose(self, n: int, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
                 exact_inverse: Optional[bool] = None, prior_scale: Optional[float] = None,
-                probes: str = "gaussian") -> Proposal:
-        """Draw ``n`` independent proposals x ~ q with their log q estimates (see :class:`Proposal`)."""
+                probes: str = "gaussian", reference=None) -> Proposal:
+        """Draw ``n`` independent proposals x ~ q with their log q estimates (see :class:`Proposal`).
+
+        Internal-coordinate flows: each proposal gets a Haar-random orientation, or the orientation
+        of ``reference`` positions ((1 or n, N, 3), nm; e.g. the current state of a chain, which
+        keeps a Metropolis move exact since the target is rotation invariant).
+        """
         self._resolve(estimator, exact_inverse, prior_scale, probes)
         w = noise.gaussian(n, self.dim)
         P = self.n_probe_sets(estimator, n_probes)
         eps = noise.gaussian(n, self.dim, sets=P) if P > 0 else torch.zeros(n, 0, self.dim, dtype=torch.float64)
         x, log_q = self.evaluate(w, eps, estimator, exact_inverse, prior_scale, probes)
+        if self.metadata.get("orientation") == "haar":
+            x = self._shape(self._orient(x.reshape(n, -1), reference, noise if reference is None else None))
         return Proposal(x, log_q, w, eps)
 
     @torch.no_grad()
@@ -256,7 +315,7 @@ class PerturbedFlow:
         _, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
         xf = self._flat(x)
         B, D, P = xf.shape[0], self.dim, self.n_probe_sets(estimator, n_probes)
-        g = noise.gaussian(B, D, self._mf, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
+        g = noise.gaussian(B, D, self._lmf, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
         with _plain_execution():
             z, u, log_q = self.module.refresh(xf, g, estimator, True, s)
         w = z / s + self._complement(noise, B, 0)
@@ -270,17 +329,19 @@ class PerturbedFlow:
     def _complement(self, noise: _noise.Noise, B: int, sets: int) -> torch.Tensor:
         """(I - P) g: the part of a standard normal orthogonal to the mean-free subspace (0 if none)."""
         shape = (B, sets, self.dim) if sets > 0 else (B, self.dim)
-        if self._mf == 0:
+        if self._lmf == 0:
             return torch.zeros(shape, dtype=torch.float64)
         g = noise.gaussian(B, self.dim, sets=sets)
-        return g - _noise.project_mean_free(g, self._mf)
+        return g - _noise.project_mean_free(g, self._lmf)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, prior_scale: Optional[float] = None) -> torch.Tensor:
         """Draw ``n`` samples from the flow (no weights); (n, n_atoms, 3) nm or (n, D)."""
-        w = _noise.Noise(seed).gaussian(n, self.dim)
+        noise = _noise.Noise(seed)
+        w = noise.gaussian(n, self.dim)
         with _plain_execution():
-            return self._shape(self.module.sample(self.latent(w, prior_scale)))
+            x = self.module.sample(self.latent(w, prior_scale))
+        return self._shape(self._orient(x, None, noise))
 
     @torch.no_grad()
     def inverse(self, x, exact: bool = True) -> torch.Tensor:

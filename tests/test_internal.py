@@ -155,3 +155,115 @@ def test_cln025_heavy_atoms_round_trip():
     x2, ld2 = ic(y)
     assert torch.isfinite(ld).all()
     assert (x2 - x).abs().max() < 1e-10
+
+
+# -- normalized internal coordinates (the transform of molecular flows) ----------------------------
+from openmm_flowpert.flow import NormalizedInternal, frame_rotation, haar_rotations  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ala_norm(ala):
+    ic, x0, n = ala
+    data = perturbed(x0, n, 400, 0.01, torch.Generator().manual_seed(7))
+    return NormalizedInternal.fit(ic, data), data
+
+
+def test_sibling_torsions_for_branches(ala):
+    """Methyl hydrogens after the first take their torsion relative to a sibling (nearly rigid)."""
+    ic, x0, n = ala
+    z = ic.zmatrix.numpy()
+    y, _ = ic.inverse(x0)
+    n_sib = 0
+    for r, row in enumerate(z[3:]):
+        i, j, k, l_ = row
+        if l_ in z[:, 0][: list(z[:, 0]).index(i)] and any((z[:, 0] == l_) & (z[:, 1] == j)):
+            n_sib += 1
+            t = abs(y[0, 8 + 3 * r].item())
+            assert 1.5 < t < math.pi + 1e-9  # about 120 degrees (tetrahedral) or 180 (planar branch)
+    assert n_sib >= 6  # 3 methyl groups x 2 hydrogens at least
+
+
+def test_normalized_round_trip_and_cut(ala, ala_norm):
+    """x -> y -> x to 1e-10 (float64), including torsions close to their cut and close to +-pi."""
+    ic, x0, n = ala
+    tr, data = ala_norm
+    y, ld = tr.inverse(data[:32])
+    assert torch.isfinite(y).all() and (y.abs().mean() < 3)
+    # Push torsions next to the cut (v large) and to +-pi, then round trip from y.
+    y2 = y.clone()
+    ic_y, _ = ic.inverse(data[:32])
+    raw_t = tr.cut + math.pi * (1 + torch.tanh(tr.mean[5::3] + tr.std[5::3] * y2[:, 5::3]))
+    assert wrap(raw_t - ic_y[:, 8::3]).abs().max() < 1e-10
+    v_edge = torch.tensor([8.0, -8.0], dtype=DT)  # t within 1e-6 rad of the cut on either side
+    y2[:2, 5] = (v_edge - tr.mean[5]) / tr.std[5]
+    v_pi = torch.atanh(torch.remainder(math.pi - 1e-9 - tr.cut[1], 2 * math.pi) / math.pi - 1)
+    y2[2, 8] = (v_pi - tr.mean[8]) / tr.std[8]
+    x, ldf = tr(y2)
+    y3, ldi = tr.inverse(x)
+    assert (y3 - y2).abs().max() < 1e-6 and (ldf - ldi).abs().max() < 1e-9
+    x4, _ = tr(y3)
+    assert (x4 - x).abs().max() < 1e-10
+    # and from x: the canonical-frame image of data, rotated back, is the data (mean-free)
+    xc, _ = tr(y)
+    R = frame_rotation(data[:32].reshape(32, n, 3), (ic.a0, ic.a1, ic.a2, ic.a2_on_a0))
+    back = torch.einsum("bij,bnj->bni", R, xc.reshape(32, n, 3)).reshape(32, -1)
+    assert (back - mean_free(data[:32], n)).abs().max() < 1e-10
+
+
+def test_normalized_log_det_matches_autograd(ala, ala_norm):
+    """logdet = log|det Q^T d x / d(y, omega)| - log r(omega) + log(8 pi^2): the Haar-rotated density."""
+    ic, x0, n = ala
+    tr, data = ala_norm
+    ones = torch.full((n, n), 1.0 / n, dtype=DT)
+    P = torch.eye(3 * n, dtype=DT) - torch.kron(ones, torch.eye(3, dtype=DT))
+    w, V = torch.linalg.eigh(P)
+    Q = V[:, w > 0.5]
+    y, ld = tr.inverse(data[:3])
+    omega = torch.tensor([[0.3, -1.1, 0.7], [2.0, 0.5, -1.0], [0.0, 0.0, 0.1]], dtype=DT)
+
+    def full(v):  # (y, omega) -> x, through the normalized transform and a rotation by omega
+        raw = tr.mean + tr.std * v[:-3]
+        t = tr.cut + math.pi * (1 + torch.tanh(raw[5::3]))
+        icy = torch.cat([raw[:3], v[-3:], torch.stack([raw[3::3], raw[4::3], t], -1).reshape(-1)])
+        return ic(icy[None])[0][0]
+
+    for b in range(3):
+        J = jacobian(full, torch.cat([y[b], omega[b]]))
+        sign, ref = torch.linalg.slogdet(Q.T @ J)
+        th = omega[b].norm()
+        log_r = math.log(2 * (1 - math.cos(th)) / th ** 2)
+        assert sign != 0 and abs(ref.item() - log_r + math.log(8 * math.pi ** 2) - ld[b].item()) < 1e-8
+
+
+def test_haar_rotations_are_uniform():
+    """E[R] = 0 and E[R_ij^2] = 1/3 for Haar rotations (checked to 4 SE), det = +1."""
+    R = haar_rotations(torch.randn(20000, 4, generator=torch.Generator().manual_seed(0), dtype=DT))
+    assert (torch.linalg.det(R) - 1).abs().max() < 1e-12
+    se = (1 / 3 / 20000) ** 0.5
+    assert R.mean(0).abs().max() < 4 * se
+    assert (R.pow(2).mean(0) - 1 / 3).abs().max() < 4 * 0.3 / 20000 ** 0.5
+
+
+def test_cln025_with_hydrogens_round_trip():
+    """Full CLN025 (hydrogens added by pdbfixer at pH 7): x -> y -> x to 1e-10."""
+    pdbfixer = pytest.importorskip("pdbfixer")
+    path = os.path.join(os.path.dirname(openmm_flowpert.__file__), "data", "5awl.pdb")
+    fixer = pdbfixer.PDBFixer(filename=path)
+    fixer.findMissingResidues()
+    fixer.missingResidues = {}
+    fixer.findMissingAtoms()
+    fixer.addMissingAtoms()
+    fixer.addMissingHydrogens(7.0)
+    top = fixer.topology
+    n = top.getNumAtoms()
+    assert n > 130
+    ic = InternalCoordinates(build_zmatrix(top), n)
+    x0 = torch.tensor(np.asarray(fixer.positions.value_in_unit(unit.nanometer)), dtype=DT).reshape(1, 3 * n)
+    x = perturbed(x0, n, 8, 0.005, torch.Generator().manual_seed(5))
+    tr = NormalizedInternal.fit(ic, perturbed(x0, n, 64, 0.005, torch.Generator().manual_seed(6)))
+    y, ld = tr.inverse(x)
+    x2, ld2 = tr(y)
+    assert torch.isfinite(ld).all() and (ld - ld2).abs().max() < 1e-8
+    R = frame_rotation(x.reshape(8, n, 3), (ic.a0, ic.a1, ic.a2, ic.a2_on_a0))
+    back = torch.einsum("bij,bnj->bni", R, x2.reshape(8, n, 3)).reshape(8, -1)
+    assert (back - mean_free(x, n)).abs().max() < 1e-10

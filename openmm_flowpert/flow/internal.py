@@ -44,9 +44,10 @@ def build_zmatrix(topology, root: Optional[int] = None) -> np.ndarray:
 
     A breadth-first search over the bonds from ``root`` (heavy neighbours expanded first) gives a
     spanning tree; ring-closure bonds are simply not used. Each atom i reached from its tree
-    parent j gets the angle partner k = parent of j (or another placed neighbour of j) and the
-    torsion partner l = parent of k (or another placed neighbour of k, or else a placed
-    neighbour of j: a "sibling" torsion).
+    parent j gets the angle partner k = parent of j (or another placed neighbour of j). The
+    torsion partner l is an earlier-placed child of j if there is one (a branch: the "sibling"
+    torsion i-j-k-l is nearly rigid, e.g. the second and third hydrogen of a methyl group),
+    else the parent of k (or another placed neighbour of k, or else a placed neighbour of j).
 
     Parameters
     ----------
@@ -96,7 +97,10 @@ def build_zmatrix(topology, root: Optional[int] = None) -> np.ndarray:
                 continue  # already placed: a ring closure or the tree edge to the parent
             placed_j = [m for m in nbr[j] if m in parent]
             k = next(m for m in [parent[j]] + placed_j if m != i)
-            lc = [parent[k]] + [m for m in nbr[k] if m in parent] + placed_j + order
+            # A branch (second or later child of j) takes its torsion relative to an earlier sibling:
+            # i-j-k-sibling stays near +-120 degrees, so only one torsion per rotor is free.
+            siblings = [m for m in placed_j if parent[m] == j and m != k]
+            lc = siblings + [parent[k]] + [m for m in nbr[k] if m in parent] + placed_j + order
             l = next(m for m in lc if m not in (i, j, k))
             parent[i] = j
             order.append(i)

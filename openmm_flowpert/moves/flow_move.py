@@ -272,7 +272,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             self.n_refresh_failed += 1
         else:
             if self.proposal == "independent":
-                prop = flow.propose(self.n_proposals, noise, **kw)
+                prop = flow.propose(self.n_proposals, noise, reference=x[None], **kw)
                 clock.lap("proposals")
                 u_new = rp(prop.x.reshape(self.n_proposals, n_atoms, 3).numpy() + centre) * factor
                 clock.lap("energies")
@@ -295,7 +295,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                     if eps.shape[1] > 0:
                         B, P, D = eps.shape
                         eps_new = noise.partial_redraw(eps.reshape(B * P, D), self.k_eps)[0].reshape(B, P, D)
-                    xp, lq = flow.evaluate(w_new, eps_new, **kw)
+                    xp, lq = flow.evaluate(w_new, eps_new, reference=x[None], **kw)
                     xp = xp.reshape(n_atoms, 3).numpy() + centre
                     clock.lap("proposals")
                     lw_new = log_weights(rp(xp[None]) * factor, lq)

@@ -131,7 +131,7 @@ def run_metropolis(flow: PerturbedFlow, energy: EnergyFn, n_chains: int, n_itera
         iterator = bar
     for _ in iterator:
         if proposal == "independent":
-            prop = flow.propose(n_chains, noise, **kw)
+            prop = flow.propose(n_chains, noise, reference=x, **kw)
             w_new, eps_new = prop.w, prop.eps
         else:
             w_new, _ = noise.partial_redraw(w, k)
@@ -141,7 +141,7 @@ def run_metropolis(flow: PerturbedFlow, energy: EnergyFn, n_chains: int, n_itera
                 eps_new = e2.reshape(B, P, D)
             else:
                 eps_new = eps
-            xp, lq = flow.evaluate(w_new, eps_new, **kw)
+            xp, lq = flow.evaluate(w_new, eps_new, reference=x, **kw)
             prop = type(state)(xp, lq, w_new, eps_new)
         u_new = _energy(energy, prop.x)
         log_w_new = log_weights(u_new, prop.log_q)

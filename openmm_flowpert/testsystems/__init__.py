@@ -1,5 +1,6 @@
 """Built-in target systems with exactly known reference observables."""
+from .chain import TorsionChain
 from .gmm import GaussianMixtureTarget
 from .gmm_openmm import GaussianMixture
 
-__all__ = ["GaussianMixtureTarget", "GaussianMixture"]
+__all__ = ["GaussianMixtureTarget", "GaussianMixture", "TorsionChain"]

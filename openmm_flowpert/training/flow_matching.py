@@ -1,20 +1,26 @@
 """Conditional flow matching (optimal-transport path) for the CNF of a :class:`PerturbedFlow`.
 
-Path: y_t = (1 - t) z + t y_1 with z ~ N(0, s^2 I) (mean-free for molecules) and y_1 a normalized
-data sample; the regression target of v(t, y_t) is y_1 - z. Trained in float32 with Adam and an
-exponential moving average (EMA) of the weights; the exported flow uses the EMA weights in float64.
+Path: y_t = (1 - t) z + t y_1 with z ~ N(0, s^2 I) and y_1 a normalized data sample; the
+regression target of v(t, y_t) is y_1 - z. Trained in float32 with Adam and an exponential moving
+average (EMA) of the weights; the exported flow uses the EMA weights in float64.
+
+Normalization (the flow's fixed transform): for molecules with a topology, internal coordinates
+(:class:`~openmm_flowpert.flow.NormalizedInternal`: bonds, angles and cut torsions scaled by their
+data spread, orientation Haar-distributed, d = 3N - 6); for molecules without one, mean-free
+Cartesians scaled by their RMS spread around the mean structure (d = 3N - 3); for abstract
+targets, per-coordinate standardization.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..flow import Affine, VelocityMLP, time_grid
+from ..flow import Affine, InternalCoordinates, NormalizedInternal, VelocityMLP, build_zmatrix, time_grid
 from ..noise import project_mean_free
 from ..perturbed_flow import PerturbedFlow
 
@@ -45,21 +51,44 @@ def _as_samples(samples, remove_com: Optional[bool]):
     return x, n_atoms, remove_com
 
 
-def train_flow(samples, *, remove_com: Optional[bool] = None, n_steps: int = 20, grid: str = "quadratic",
+def _internal_transform(topology, x: torch.Tensor, n_atoms: int) -> NormalizedInternal:
+    if topology is None:
+        raise ValueError("coordinates='internal' needs the topology (openmm.app.Topology or mdtraj.Topology)")
+    if hasattr(topology, "to_openmm"):  # mdtraj
+        topology = topology.to_openmm()
+    if topology.getNumAtoms() != n_atoms:
+        raise ValueError(f"the topology has {topology.getNumAtoms()} atoms but the samples have {n_atoms}")
+    ic = InternalCoordinates(build_zmatrix(topology), n_atoms)
+    return NormalizedInternal.fit(ic, x)
+
+
+def _median_energy(flow: PerturbedFlow, energy: Callable, n: int, seed: int) -> float:
+    u = np.asarray(energy(flow.sample(n, seed=seed)), dtype=np.float64)
+    return float(np.median(np.where(np.isfinite(u), u, np.inf)))
+
+
+def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
+               remove_com: Optional[bool] = None, n_steps: int = 20, grid: str = "quadratic",
                scheme: str = "rk4", hidden: int = 128, n_layers: int = 3, n_freq: int = 4,
                epochs: int = 200, batch_size: int = 256, lr: float = 2e-3, weight_decay: float = 0.0,
                ema: float = 0.995, validation_fraction: float = 0.1, patience: int = 20,
                max_minutes: Optional[float] = None, prior_scale: float = 1.0,
-               temperature: Optional[float] = None, seed: int = 0, progress: bool = True) -> PerturbedFlow:
+               temperature: Optional[float] = None, energy: Optional[Callable] = None,
+               n_validation_proposals: int = 256, seed: int = 0, progress: bool = True) -> PerturbedFlow:
     """Train a perturbed flow on samples by flow matching.
 
     Parameters
     ----------
     samples : array, (n_samples, n_atoms, 3) in nm, or (n_samples, d)
         Training configurations (molecular) or points (abstract targets).
+    topology : openmm.app.Topology or mdtraj.Topology, optional
+        Bonds of the molecule; with it the flow works in internal coordinates (the default then).
+    coordinates : {"internal", "cartesian"}, optional
+        ``"internal"`` (needs ``topology``; recommended for molecules: d = 3N - 6, bonds and angles
+        at their own scale) or ``"cartesian"`` (mean-free Cartesians, d = 3N - 3).
     remove_com : bool, optional
-        Work in the mean-free subspace (d = 3N - 3). Default: True for molecular samples; must be
-        False for (n, d) arrays.
+        Cartesian flows: work in the mean-free subspace (d = 3N - 3). Default: True for molecular
+        samples; must be False for (n, d) arrays.
     n_steps, grid, scheme : int, str, str
         Integrator: number of steps, time grid (``"quadratic"`` refines toward the data end, or
         ``"uniform"``), and scheme (``"rk4"``, ``"midpoint"``, ``"euler"``).
@@ -73,6 +102,11 @@ def train_flow(samples, *, remove_com: Optional[bool] = None, n_steps: int = 20,
         Standard deviation s of the latent prior.
     temperature : float, optional
         Temperature (K) of the training data, stored as metadata.
+    energy : callable, optional
+        Reduced potential u(x) (kT) of positions (B, N, 3) nm. If given, the trained flow is
+        validated by the median reduced energy of ``n_validation_proposals`` proposals against that
+        of the training data (stored in ``metadata["training"]``; a flow whose proposals sit far
+        above the data is not going to be accepted).
     seed : int
         Seeds the split, initialization and noise: equal seeds give equal flows.
     progress : bool
@@ -89,21 +123,35 @@ def train_flow(samples, *, remove_com: Optional[bool] = None, n_steps: int = 20,
     >>> flow = train_flow(gmm.sample(20000, weights=(0.5, 0.5)), epochs=50)  # doctest: +SKIP
     """
     t_start = time.time()
-    x, n_atoms, remove_com = _as_samples(samples, remove_com)
-    npart = n_atoms if remove_com else 0
+    if coordinates is None:
+        coordinates = "internal" if topology is not None else "cartesian"
+    if coordinates not in ("internal", "cartesian"):
+        raise ValueError(f"coordinates must be 'internal' or 'cartesian', got {coordinates!r}")
+    x, n_atoms, remove_com = _as_samples(samples, True if coordinates == "internal" else remove_com)
+    if coordinates == "internal" and n_atoms < 3:
+        raise ValueError("internal coordinates need molecular samples (n_samples, n_atoms >= 3, 3)")
+    npart = n_atoms if remove_com and coordinates == "cartesian" else 0
     if remove_com:
         x = project_mean_free(x, n_atoms)
     gen = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
 
-    # Data-scale normalization (the flow's fixed affine transform): the mean structure and the
-    # spread *around* it -- one number for a mean-free flow, one per coordinate otherwise -- so the
-    # normalized data have unit scale like the prior and the flow is not needlessly stiff.
-    shift = x.mean(0)
-    dev = x - shift
-    scale = dev.pow(2).mean().sqrt().clamp_min(1e-6).reshape(1) if remove_com else dev.std(0).clamp_min(1e-6)
-    transform = Affine(shift, scale, n_particles=npart)
-    y = ((x - transform.shift) / transform.scale).float()
+    if coordinates == "internal":
+        transform = _internal_transform(topology, x, n_atoms)
+        y, _ = transform.inverse(x)
+        keep = torch.isfinite(y).all(1)
+        if int(keep.sum()) < 10:
+            raise ValueError("fewer than 10 samples have valid internal coordinates (collinear atoms?)")
+        y = y[keep].float()
+    else:
+        # Data-scale normalization (the flow's fixed affine transform): the mean structure and the
+        # spread *around* it -- one number for a mean-free flow, one per coordinate otherwise -- so
+        # the normalized data have unit scale like the prior and the flow is not needlessly stiff.
+        shift = x.mean(0)
+        dev = x - shift
+        scale = dev.pow(2).mean().sqrt().clamp_min(1e-6).reshape(1) if remove_com else dev.std(0).clamp_min(1e-6)
+        transform = Affine(shift, scale, n_particles=npart)
+        y = ((x - transform.shift) / transform.scale).float()
 
     perm = torch.randperm(y.shape[0], generator=gen)
     n_val = max(1, int(round(validation_fraction * y.shape[0]))) if validation_fraction > 0 else 0
@@ -172,7 +220,17 @@ def train_flow(samples, *, remove_com: Optional[bool] = None, n_steps: int = 20,
         bar.close()
     ema_model.load_state_dict(best_state)
     info = {"epochs": epoch, "best_validation_loss": best, "wall_time_s": round(time.time() - t_start, 2),
-            "hidden": hidden, "n_layers": n_layers, "n_samples": int(x.shape[0]), "seed": int(seed)}
-    return PerturbedFlow.build(ema_model, time_grid(n_steps, grid), transform, n_particles=npart, scheme=scheme,
+            "hidden": hidden, "n_layers": n_layers, "n_freq": n_freq, "n_samples": int(x.shape[0]),
+            "seed": int(seed), "coordinates": coordinates}
+    flow = PerturbedFlow.build(ema_model, time_grid(n_steps, grid), transform, n_particles=npart, scheme=scheme,
                                prior_scale=prior_scale, temperature=temperature, n_atoms=n_atoms,
                                extra={"grid": grid, "training": info})
+    if energy is not None:
+        if n_atoms == 0:
+            raise ValueError("energy validation is for molecular flows")
+        pick = torch.randperm(x.shape[0], generator=gen)[:n_validation_proposals]
+        data_u = np.asarray(energy(x[pick].reshape(-1, n_atoms, 3)), dtype=np.float64)
+        info["data_median_energy"] = float(np.median(data_u))
+        info["proposal_median_energy"] = _median_energy(flow, energy, n_validation_proposals, seed)
+        flow.metadata["training"] = info
+    return flow
