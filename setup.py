@@ -102,7 +102,7 @@ setup(
     version="0.1.0",
     description="Flow perturbation: unbiased Boltzmann sampling from normalizing flows in OpenMM",
     packages=find_packages(include=["openmm_flowpert", "openmm_flowpert.*"]),
-    package_data={"openmm_flowpert": ["data/*.pdb"]},
+    package_data={"openmm_flowpert": ["data/*.pdb", "data/*.pt"]},
     python_requires=">=3.10",
     entry_points={"console_scripts": ["flowpert=openmm_flowpert.cli:main"]},
     ext_modules=[CMakeLibrary("openmm_flowpert.lib.flowpert_ops")],

@@ -7,11 +7,13 @@ without periodic box (what flow moves need), its ``openmm.app.Topology`` and sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+import os
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MolecularSystem", "alanine_dipeptide", "get_system", "SYSTEMS"]
+__all__ = ["MolecularSystem", "alanine_dipeptide", "cln025", "from_pdb", "from_amber", "gmm", "get_system",
+           "SYSTEMS", "bundled_flow"]
 
 
 @dataclass
@@ -64,16 +66,133 @@ def alanine_dipeptide(solvent: str = "vacuum") -> MolecularSystem:
     return MolecularSystem(f"alanine-dipeptide-{solvent}", ts.system, ts.topology, _positions_nm(ts.positions))
 
 
+def _checked(ms: MolecularSystem) -> MolecularSystem:
+    from .energies import check_system
+
+    check_system(ms.system, n_atoms=ms.n_atoms)
+    return ms
+
+
+def cln025(solvent: str = "implicit") -> MolecularSystem:
+    """CLN025 (YYDPETGTWY) from the 5awl crystal structure shipped with the package.
+
+    Hydrogens added by pdbfixer at pH 7; amber14 with OBC2 implicit solvent (``"implicit"``) or
+    vacuum; no cutoff, no constraints.
+    """
+    import os
+
+    from openmm import app
+    from pdbfixer import PDBFixer
+
+    fixer = PDBFixer(filename=os.path.join(os.path.dirname(__file__), "data", "5awl.pdb"))
+    fixer.findMissingResidues()
+    fixer.missingResidues = {}
+    fixer.findMissingAtoms()
+    fixer.addMissingAtoms()
+    fixer.addMissingHydrogens(7.0)
+    files = ["amber14-all.xml"] + (["implicit/obc2.xml"] if solvent == "implicit" else [])
+    if solvent not in ("implicit", "vacuum"):
+        raise ValueError(f"solvent must be 'implicit' or 'vacuum', got {solvent!r}")
+    ff = app.ForceField(*files)
+    system = ff.createSystem(fixer.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
+    return _checked(MolecularSystem(f"cln025-{solvent}", system, fixer.topology, _positions_nm(fixer.positions)))
+
+
+def from_pdb(path: str, forcefield: Sequence[str] = ("amber14-all.xml", "implicit/obc2.xml")) -> MolecularSystem:
+    """A system from a PDB file and OpenMM force-field files (no cutoff, no constraints).
+
+    The PDB must be complete (hydrogens included; use pdbfixer otherwise) and must not describe a
+    periodic box with explicit solvent: flow moves need non-periodic systems.
+    """
+    from openmm import app
+
+    pdb = app.PDBFile(path)
+    if pdb.topology.getPeriodicBoxVectors() is not None and any(
+            r.name in ("HOH", "WAT") for r in pdb.topology.residues()):
+        raise ValueError(f"{path} has a periodic box with explicit water; flow moves need a non-periodic "
+                         "system: strip the solvent and use implicit solvent (e.g. implicit/obc2.xml)")
+    ff = app.ForceField(*forcefield)
+    try:
+        system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
+    except ValueError as exc:
+        raise ValueError(f"cannot parametrize {path} with {list(forcefield)}: {exc}. Is the structure complete "
+                         "(hydrogens, terminal caps)? pdbfixer can add missing atoms") from None
+    return _checked(MolecularSystem(os.path.splitext(os.path.basename(path))[0], system, pdb.topology,
+                                    _positions_nm(pdb.positions)))
+
+
+def from_amber(prmtop: str, inpcrd: str, implicit: Optional[str] = None) -> MolecularSystem:
+    """A system from an AMBER prmtop/inpcrd pair (no cutoff, no constraints).
+
+    ``implicit``: None (vacuum) or an OpenMM implicit-solvent model name such as ``"OBC2"``.
+    """
+    from openmm import app
+
+    top = app.AmberPrmtopFile(prmtop)
+    crd = app.AmberInpcrdFile(inpcrd)
+    if top.topology.getPeriodicBoxVectors() is not None:
+        raise ValueError(f"{prmtop} describes a periodic box; flow moves need a non-periodic system "
+                         "(strip the solvent and rebuild the topology without a box)")
+    kw = {"implicitSolvent": getattr(app, implicit)} if implicit else {}
+    system = top.createSystem(nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False, **kw)
+    return _checked(MolecularSystem(os.path.splitext(os.path.basename(prmtop))[0], system, top.topology,
+                                    _positions_nm(crd.positions)))
+
+
+def gmm(n_particles: int = 4) -> MolecularSystem:
+    """The two-well Gaussian mixture as an OpenMM System (openmm-torch; d = 3 * n_particles)."""
+    from openmm import app
+
+    from .testsystems import GaussianMixture
+
+    g = GaussianMixture(n_particles=n_particles)
+    top = app.Topology()
+    res = top.addResidue("GMM", top.addChain())
+    for i in range(n_particles):
+        top.addAtom(f"P{i}", app.element.argon, res)
+    x0 = g.target.sample(1, seed=0).reshape(n_particles, 3).numpy() * g.length_scale
+    return MolecularSystem(f"gmm-{3 * n_particles}d", g.system, top, np.asarray(x0, dtype=np.float64))
+
+
 SYSTEMS: Dict[str, Callable[[], MolecularSystem]] = {
     "alanine-dipeptide": lambda: alanine_dipeptide("vacuum"),
     "alanine-dipeptide-vacuum": lambda: alanine_dipeptide("vacuum"),
     "alanine-dipeptide-implicit": lambda: alanine_dipeptide("implicit"),
+    "cln025": lambda: cln025("implicit"),
+    "cln025-vacuum": lambda: cln025("vacuum"),
+    "gmm-12d": lambda: gmm(4),
 }
 
 
-def get_system(name: str) -> MolecularSystem:
-    """A built-in system by name (see :data:`SYSTEMS`)."""
-    try:
+#: Flows shipped in ``openmm_flowpert/data`` for built-in systems (vacuum, no constraints, 300 K).
+BUNDLED_FLOWS = {"alanine-dipeptide": "alanine-dipeptide-vacuum-300K.pt",
+                 "alanine-dipeptide-vacuum": "alanine-dipeptide-vacuum-300K.pt"}
+
+
+def bundled_flow(name: str) -> Optional[str]:
+    """Path of the flow shipped for built-in system ``name`` (None if there is none)."""
+    fname = BUNDLED_FLOWS.get(name)
+    if fname is None:
+        return None
+    path = os.path.join(os.path.dirname(__file__), "data", fname)
+    return path if os.path.isfile(path) else None
+
+
+def get_system(name: str, forcefield: Optional[Sequence[str]] = None) -> MolecularSystem:
+    """A built-in system by name (see :data:`SYSTEMS`), a PDB file (parametrized with ``forcefield``
+    files, default amber14 + OBC2), or ``"file.prmtop:file.inpcrd"``."""
+    if name in SYSTEMS:
         return SYSTEMS[name]()
-    except KeyError:
-        raise ValueError(f"unknown system {name!r}; built-in systems: {', '.join(sorted(SYSTEMS))}") from None
+    if name.endswith(".pdb"):
+        if not os.path.isfile(name):
+            raise ValueError(f"PDB file {name!r} does not exist")
+        return from_pdb(name, tuple(forcefield) if forcefield else ("amber14-all.xml", "implicit/obc2.xml"))
+    if ".prmtop" in name:
+        prmtop, _, inpcrd = name.partition(":")
+        inpcrd = inpcrd or os.path.splitext(prmtop)[0] + ".inpcrd"
+        for f in (prmtop, inpcrd):
+            if not os.path.isfile(f):
+                raise ValueError(f"AMBER file {f!r} does not exist; pass --system file.prmtop:file.inpcrd")
+        return from_amber(prmtop, inpcrd)
+    raise ValueError(f"unknown system {name!r}; use a built-in name ({', '.join(sorted(SYSTEMS))}), a .pdb "
+                     "file or file.prmtop:file.inpcrd")

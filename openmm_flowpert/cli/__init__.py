@@ -13,8 +13,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="flowpert",
         description="Unbiased Boltzmann sampling with flow perturbation (Peng & Gao 2025) in OpenMM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    from . import demo
+    from . import demo, sample, simulate, train
 
+    simulate.add_parser(sub)
+    train.add_parser(sub)
+    sample.add_parser(sub)
     demo.add_parser(sub)
     return p
 

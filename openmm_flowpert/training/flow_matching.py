@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -62,6 +64,31 @@ def _internal_transform(topology, x: torch.Tensor, n_atoms: int) -> NormalizedIn
     return NormalizedInternal.fit(ic, x)
 
 
+def _save_checkpoint(path: str, state: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="flowpert-ckpt-", suffix=".tmp.pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(path: str, dim: int, seed: int) -> dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"training checkpoint {path!r} cannot be read ({exc}); delete it to start over") from None
+    if ck.get("dim") != dim or ck.get("seed") != int(seed):
+        raise ValueError(f"training checkpoint {path!r} belongs to another run (dimension {ck.get('dim')}, seed "
+                         f"{ck.get('seed')}; this run: {dim}, {seed}); delete it or use another checkpoint path")
+    return ck
+
+
 def _median_energy(flow: PerturbedFlow, energy: Callable, n: int, seed: int) -> float:
     u = np.asarray(energy(flow.sample(n, seed=seed)), dtype=np.float64)
     return float(np.median(np.where(np.isfinite(u), u, np.inf)))
@@ -74,7 +101,8 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
                ema: float = 0.995, validation_fraction: float = 0.1, patience: int = 20,
                max_minutes: Optional[float] = None, prior_scale: float = 1.0,
                temperature: Optional[float] = None, energy: Optional[Callable] = None,
-               n_validation_proposals: int = 256, seed: int = 0, progress: bool = True) -> PerturbedFlow:
+               n_validation_proposals: int = 256, checkpoint: Optional[str] = None, checkpoint_every: int = 10,
+               seed: int = 0, progress: bool = True) -> PerturbedFlow:
     """Train a perturbed flow on samples by flow matching.
 
     Parameters
@@ -107,6 +135,11 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
         validated by the median reduced energy of ``n_validation_proposals`` proposals against that
         of the training data (stored in ``metadata["training"]``; a flow whose proposals sit far
         above the data is not going to be accepted).
+    checkpoint : str, optional
+        File for the training state (weights, EMA, optimizer, noise generator), written atomically
+        every ``checkpoint_every`` epochs and at the end. If it exists, training resumes from it:
+        an interrupted run resumed with the same data and arguments gives the same flow as an
+        uninterrupted one.
     seed : int
         Seeds the split, initialization and noise: equal seeds give equal flows.
     progress : bool
@@ -187,7 +220,22 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
         from tqdm.auto import tqdm
         bar = tqdm(total=epochs, desc="train flow", unit="epoch")
     best, best_state, since_best, epoch = float("inf"), copy.deepcopy(ema_model.state_dict()), 0, 0
-    for epoch in range(1, epochs + 1):
+    start_epoch, elapsed_before = 1, 0.0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        ck = _load_checkpoint(checkpoint, D, seed)
+        velocity.load_state_dict(ck["velocity"])
+        ema_model.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        gen.set_state(ck["gen"])
+        best, best_state, since_best = ck["best"], ck["best_state"], ck["since_best"]
+        start_epoch, elapsed_before = ck["epoch"] + 1, ck["elapsed"]
+        epoch = ck["epoch"]
+        t_start -= elapsed_before
+        if bar is not None:
+            bar.update(ck["epoch"])
+    stopped = False
+    for epoch in range(start_epoch, epochs + 1):
         velocity.train()
         order = torch.randperm(y_train.shape[0], generator=gen)
         total = 0.0
@@ -212,9 +260,14 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
         if bar is not None:
             bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best:.4f}")
             bar.update(1)
-        if since_best >= patience:
-            break
-        if max_minutes is not None and time.time() - t_start > 60.0 * max_minutes:
+        stopped = since_best >= patience or (max_minutes is not None and time.time() - t_start > 60.0 * max_minutes)
+        if checkpoint is not None and (stopped or epoch % checkpoint_every == 0 or epoch == epochs):
+            _save_checkpoint(checkpoint, {
+                "velocity": velocity.state_dict(), "ema": ema_model.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "gen": gen.get_state(), "best": best, "best_state": best_state,
+                "since_best": since_best, "epoch": epoch, "elapsed": time.time() - t_start,
+                "dim": D, "seed": int(seed)})
+        if stopped:
             break
     if bar is not None:
         bar.close()

@@ -1,0 +1,79 @@
+"""Files of the command line: trajectories (DCD + PDB topology, readable by mdtraj), JSON, atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Optional, Tuple
+
+import numpy as np
+
+
+def _tmp_near(path: str, suffix: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".flowpert-", suffix=suffix, dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def _atomic(path: str, suffix: str, write) -> None:
+    tmp = _tmp_near(path, suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_trajectory(path: str, positions: np.ndarray, topology, time_ps: Optional[np.ndarray] = None) -> str:
+    """Write positions (n, N, 3) nm as ``path`` (.dcd, or .h5 if PyTables is installed) plus a PDB
+    topology next to it (same name, .pdb). Returns the topology path."""
+    import mdtraj as md
+
+    top = topology if isinstance(topology, md.Topology) else md.Topology.from_openmm(topology)
+    traj = md.Trajectory(np.asarray(positions, dtype=np.float32).reshape(-1, top.n_atoms, 3), top, time=time_ps)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".dcd", ".h5", ".xtc", ".nc"):
+        raise ValueError(f"trajectory file {path!r}: use a .dcd, .xtc, .nc or .h5 name")
+    _atomic(path, ext, lambda tmp: traj.save(tmp, force_overwrite=True))
+    pdb = os.path.splitext(path)[0] + ".pdb"
+    _atomic(pdb, ".pdb", lambda tmp: traj[0].save_pdb(tmp, force_overwrite=True))
+    return pdb
+
+
+def read_trajectory(path: str, topology: Optional[str] = None, select: Optional[str] = None,
+                    stride: int = 1) -> Tuple[np.ndarray, object]:
+    """Positions (n, N, 3) nm and the mdtraj Topology of any trajectory mdtraj reads.
+
+    ``topology`` defaults to the .pdb file next to ``path``; ``select`` is an mdtraj selection
+    (e.g. ``"protein"`` to strip solvent and ions).
+    """
+    import mdtraj as md
+
+    if not os.path.isfile(path):
+        raise ValueError(f"trajectory {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    kw = {}
+    if ext not in (".h5", ".pdb"):
+        topology = topology or os.path.splitext(path)[0] + ".pdb"
+        if not os.path.isfile(topology):
+            raise ValueError(f"trajectory {path!r} needs a topology: pass --top FILE (pdb, prmtop, psf...)")
+        kw["top"] = topology
+    traj = md.load(path, stride=stride, **kw)
+    if select:
+        idx = traj.topology.select(select)
+        if len(idx) == 0:
+            raise ValueError(f"selection {select!r} matches no atoms")
+        traj = traj.atom_slice(idx)
+    return np.asarray(traj.xyz, dtype=np.float64), traj.topology
+
+
+def write_json(path: str, data: dict) -> None:
+    def dump(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, default=float)
+
+    _atomic(path, ".json", dump)

@@ -1,0 +1,88 @@
+"""Figures of the command line (matplotlib, Agg backend, PNG written atomically)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ._io import _atomic
+
+
+def _figure(*args, **kw):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*args, **kw)
+
+
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    _atomic(path, ".png", lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
+    plt.close(fig)
+    return path
+
+
+def energy_histograms(path: str, energies: Dict[str, np.ndarray], temperature: Optional[float] = None) -> str:
+    """Histograms of reduced energies u = U/kT (one curve per label, e.g. flow proposals, accepted, MD)."""
+    plt, (fig, ax) = _figure(figsize=(5.5, 3.8))
+    finite = [np.asarray(v)[np.isfinite(v)] for v in energies.values() if len(v)]
+    lo = min(np.percentile(v, 0.5) for v in finite)
+    hi = max(np.percentile(v, 99.5) for v in finite)
+    bins = np.linspace(lo, hi, 60)
+    for label, u in energies.items():
+        u = np.asarray(u)
+        u = u[np.isfinite(u)]
+        if len(u):
+            ax.hist(np.clip(u, lo, hi), bins=bins, density=True, histtype="step", lw=1.5,
+                    label=f"{label} (n={len(u)}, median {np.median(u):.1f})")
+    ax.set_xlabel("reduced potential energy u = U/kT" + (f"  (T = {temperature:g} K)" if temperature else ""))
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def acceptance_over_time(path: str, accepted: np.ndarray, proposed: np.ndarray, window: int = 20) -> str:
+    """Running acceptance of flow moves (window of iterations) and the cumulative acceptance."""
+    plt, (fig, ax) = _figure(figsize=(5.5, 3.5))
+    a, p = np.asarray(accepted, float), np.asarray(proposed, float)
+    it = np.arange(1, len(a) + 1)
+    cum = np.cumsum(a) / np.maximum(np.cumsum(p), 1)
+    window = max(1, min(window, len(a)))
+    k = np.ones(window)
+    run = np.convolve(a, k, "valid") / np.maximum(np.convolve(p, k, "valid"), 1)
+    ax.plot(it[window - 1:], run, lw=0.8, label=f"running ({window} iterations)")
+    ax.plot(it, cum, lw=1.5, label="cumulative")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("flow-move acceptance")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def ramachandran(path: str, panels: Dict[str, Tuple[np.ndarray, np.ndarray]], kT_label: str = "kT") -> str:
+    """Side-by-side free-energy surfaces -ln p(phi, psi) (in kT, minimum 0) of several runs."""
+    plt, (fig, axes) = _figure(1, len(panels), figsize=(4.4 * len(panels) + 1.0, 3.9), squeeze=False,
+                               constrained_layout=True)
+    edges = np.linspace(-np.pi, np.pi, 49)
+    for ax, (label, (phi, psi)) in zip(axes[0], panels.items()):
+        h, _, _ = np.histogram2d(np.ravel(phi), np.ravel(psi), bins=[edges, edges], density=True)
+        with np.errstate(divide="ignore"):
+            f = -np.log(h)
+        f -= np.nanmin(f[np.isfinite(f)]) if np.isfinite(f).any() else 0
+        im = ax.pcolormesh(edges, edges, np.ma.masked_invalid(f).T, cmap="viridis", vmin=0, vmax=10)
+        ax.set_title(f"{label} (n={np.size(phi)})", fontsize=9)
+        ax.set_xlabel("phi (rad)")
+        ax.set_ylabel("psi (rad)")
+        ax.axvline(0, color="w", lw=0.5, ls="--")
+        ax.axvline(2.5, color="w", lw=0.5, ls="--")
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"free energy ({kT_label})")
+    plt_path = _save_no_tight(plt, fig, path)
+    return plt_path
+
+
+def _save_no_tight(plt, fig, path):
+    _atomic(path, ".png", lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
+    plt.close(fig)
+    return path

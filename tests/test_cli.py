@@ -1,0 +1,127 @@
+"""The main job end to end: built-in systems, ``flowpert simulate -> train -> sample`` on tiny settings,
+resume of training and sampling, and the bundled alanine-dipeptide flow."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import openmm_flowpert as fp
+from openmm_flowpert.cli import main
+from openmm_flowpert.systems import bundled_flow, get_system
+
+
+def test_builtin_systems_and_errors(tmp_path):
+    ala = get_system("alanine-dipeptide")
+    assert ala.n_atoms == 22 and ala.system.getNumConstraints() == 0
+    imp = get_system("alanine-dipeptide-implicit")
+    assert any("GB" in type(f).__name__ for f in imp.system.getForces())
+    cln = get_system("cln025")
+    assert cln.n_atoms == 166 and cln.system.getNumConstraints() == 0
+    assert not cln.system.usesPeriodicBoundaryConditions()
+    assert get_system("gmm-12d").n_atoms == 4
+    with pytest.raises(ValueError, match="unknown system"):
+        get_system("ubiquitin")
+    with pytest.raises(ValueError, match="does not exist"):
+        get_system(str(tmp_path / "missing.pdb"))
+    # a PDB file with force-field names works like a built-in system
+    from openmm import app, unit
+    pdb = tmp_path / "ala.pdb"
+    with open(pdb, "w") as fh:
+        app.PDBFile.writeFile(ala.topology, ala.positions * unit.nanometer, fh)
+    s = get_system(str(pdb), ["amber14-all.xml"])
+    assert s.n_atoms == 22 and s.system.getNumConstraints() == 0
+
+
+def test_cli_simulate_train_sample(tmp_path, capsys):
+    import mdtraj as md
+
+    data = tmp_path / "data" / "ala.dcd"
+    assert main(["simulate", "--system", "alanine-dipeptide", "--out", str(data), "--ns", "0.03",
+                 "--frame-ps", "0.1", "--equilibration-ps", "5"]) == 0
+    t = md.load(str(data), top=str(data.with_suffix(".pdb")))
+    assert t.n_frames == 300 and t.n_atoms == 22
+    summary = json.loads(data.with_suffix(".json").read_text())
+    assert summary["n_frames"] == 300
+
+    flow_file = tmp_path / "flow.pt"
+    assert main(["train", "--data", str(data), "--out", str(flow_file), "--epochs", "3", "--hidden", "32",
+                 "--layers", "2", "--steps", "4"]) == 0
+    flow = fp.PerturbedFlow.load(str(flow_file))
+    assert flow.coordinates == "internal" and flow.n_atoms == 22
+    assert "proposal_median_energy" in flow.metadata["training"]
+    assert not os.path.exists(str(flow_file) + ".ckpt")
+
+    out = tmp_path / "run"
+    assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(out),
+                 "--iterations", "6", "--md-steps", "50", "--proposals", "4"]) == 0
+    t = md.load(str(out / "trajectory.dcd"), top=str(out / "trajectory.pdb"))
+    assert t.n_frames == 6
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_proposed"] == 24 and "0<phi<2.5" in s["populations"]
+    for png in ("energies.png", "acceptance.png", "ramachandran.png"):
+        assert (out / png).stat().st_size > 1000
+    # resumable: the same command with more iterations continues the run
+    assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(out),
+                 "--iterations", "9", "--md-steps", "50", "--proposals", "4"]) == 0
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["iterations"] == 9 and s2["n_proposed"] == 36
+
+
+def test_train_resume_is_identical(tmp_path):
+    """Interrupted training (stopped after the first epoch) resumed from its checkpoint gives the same
+    flow as an uninterrupted run."""
+    from openmm_flowpert.testsystems import TorsionChain
+
+    ch = TorsionChain(5)
+    x = ch.sample_training(600, seed=0)
+    kw = dict(topology=ch.topology, epochs=4, hidden=16, n_layers=2, n_steps=4, progress=False, seed=3)
+    full = fp.train_flow(x, **kw)
+    ck = str(tmp_path / "train.ckpt")
+    fp.train_flow(x, checkpoint=ck, checkpoint_every=1, max_minutes=0.0, **kw)  # stops after epoch 1
+    assert torch.load(ck, weights_only=False)["epoch"] == 1
+    resumed = fp.train_flow(x, checkpoint=ck, checkpoint_every=1, **kw)
+    assert torch.load(ck, weights_only=False)["epoch"] == 4
+    w = fp.Noise(0).gaussian(8, full.dim)
+    assert torch.equal(full.evaluate(w, torch.zeros(8, 0, full.dim), "jacobian")[1],
+                       resumed.evaluate(w, torch.zeros(8, 0, full.dim), "jacobian")[1])
+    assert resumed.metadata["training"]["epochs"] == 4
+
+
+def test_hybrid_resume_continues(tmp_path):
+    from openmm_flowpert.samplers import run_hybrid
+
+    ala = get_system("alanine-dipeptide")
+    ck = str(tmp_path / "ck.npz")
+    a = run_hybrid(ala.system, ala.positions, 300.0, None, n_iterations=4, md_steps=20, checkpoint=ck,
+                   checkpoint_every=2, progress=False, seed=1)
+    b = run_hybrid(ala.system, ala.positions, 300.0, None, n_iterations=7, md_steps=20, checkpoint=ck,
+                   progress=False, seed=1)
+    assert len(b) == 7 and np.array_equal(b.positions[:4], a.positions)
+    assert np.all(np.diff(b.wall_times) >= 0)
+
+
+# Floor measured on the bundled flow (docs/benchmarks.md, section 6): fp++ independence acceptance
+# from MD-equilibrated states was ~10 %; the test asserts a floor of 3 % on 32 chains x 20 iterations.
+BUNDLED_ACCEPTANCE_FLOOR = 0.03
+
+
+def test_bundled_flow_matches_system_and_is_accepted():
+    path = bundled_flow("alanine-dipeptide")
+    assert path is not None and os.path.getsize(path) < 8e6
+    flow = fp.PerturbedFlow.load(path)
+    ala = get_system("alanine-dipeptide")
+    assert flow.n_atoms == ala.n_atoms and flow.coordinates == "internal"
+    from openmm.app import Topology  # noqa: F401
+    from openmm_flowpert.energies import ReducedPotential, check_system
+    from openmm_flowpert.flow import build_zmatrix
+
+    check_system(ala.system, n_atoms=flow.n_atoms)
+    assert np.array_equal(np.asarray(flow.metadata["zmatrix"]), build_zmatrix(ala.topology))
+    rp = ReducedPotential(ala.system, 300.0)
+    from openmm_flowpert.simulate import langevin_md
+
+    x0 = langevin_md(ala.system, ala.positions, 300.0, 32, steps_per_frame=500, seed=2, progress=False)
+    res = fp.run_metropolis(flow, rp, 32, 20, x0=x0, seed=4, store_positions=False)
+    assert res.acceptance > BUNDLED_ACCEPTANCE_FLOOR, res.acceptance
