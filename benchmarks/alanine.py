@@ -71,7 +71,12 @@ def cmd_data(args):
 
 
 def load_frames(paths, temperature_index=0):
-    xs = [np.load(p)["pos"][temperature_index].astype(np.float64) for p in paths.split(",")]
+    """Frames of one temperature index from each npz file that has it (nm)."""
+    xs = []
+    for p in paths.split(","):
+        pos = np.load(p)["pos"]
+        if temperature_index < pos.shape[0]:
+            xs.append(pos[temperature_index].astype(np.float64))
     return np.concatenate(xs, 0)
 
 
@@ -132,7 +137,9 @@ def cmd_measure(args):
     n = args.n_exact
     w = noise.gaussian(n, flow.dim)
     t0 = time.time()
-    x, lq_exact = flow.evaluate(w, torch.zeros(n, 0, flow.dim), estimator="jacobian")
+    ps = args.prior_scale
+    out["prior_scale"] = ps
+    x, lq_exact = flow.evaluate(w, torch.zeros(n, 0, flow.dim), estimator="jacobian", prior_scale=ps)
     out["time_exact_per_sample_s"] = (time.time() - t0) / n
     u = rp(x)
     lw_exact = -u - lq_exact.numpy()
@@ -144,7 +151,7 @@ def cmd_measure(args):
         P = flow.n_probe_sets(est)
         eps = noise.gaussian(n, flow.dim, sets=P)
         t0 = time.time()
-        _, lq = flow.evaluate(w, eps, estimator=est)
+        _, lq = flow.evaluate(w, eps, estimator=est, prior_scale=ps)
         out[f"time_{est}_per_sample_s"] = (time.time() - t0) / n
         diff = -(lq.numpy() - lq_exact.numpy())
         ok = np.isfinite(diff)
@@ -157,7 +164,7 @@ def cmd_measure(args):
     lws, fs = [], []
     t0 = time.time()
     for _ in range(args.n_pp // 1000):
-        prop = flow.propose(1000, noise, estimator="fp++")
+        prop = flow.propose(1000, noise, estimator="fp++", prior_scale=ps)
         lw = -rp(prop.x) - prop.log_q.numpy()
         lws.append(np.where(np.isfinite(lw), lw, -np.inf))
         fs.append(in_basin(prop.x))
@@ -170,10 +177,10 @@ def cmd_measure(args):
     # Independence Metropolis acceptance, chains started from MD frames (refresh u | x)
     rng = np.random.default_rng(args.seed)
     x0 = md[rng.choice(len(md), args.chains, replace=False)]
-    for est in ("fp", "fp++", "jacobian"):
+    for est in () if args.skip_mc else ("fp", "fp++", "jacobian"):
         t0 = time.time()
         res = fp.run_metropolis(flow, rp, args.chains, args.iters, estimator=est, x0=x0, seed=args.seed + 1,
-                                store_positions=False)
+                                store_positions=False, prior_scale=ps)
         out[f"acceptance_{est}"] = res.acceptance
         out[f"time_mc_{est}_s"] = time.time() - t0
     print(json.dumps(out, indent=1))
@@ -212,6 +219,8 @@ def main():
     m.add_argument("--chains", type=int, default=32)
     m.add_argument("--iters", type=int, default=50)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--prior-scale", type=float, default=None, help="latent prior scale (default: the flow's)")
+    m.add_argument("--skip-mc", action="store_true", help="skip the Metropolis acceptance runs")
     m.add_argument("--json")
     args = p.parse_args()
     {"data": cmd_data, "train": cmd_train, "measure": cmd_measure}[args.cmd](args)

@@ -199,3 +199,25 @@ def test_move_with_internal_flow_keeps_orientation(ala_md):
             assert (R0 - R1).abs().max() < 1e-9
             assert np.abs(before.mean(0) - after.mean(0)).max() < 1e-9
     assert moved > 0 and move.statistics["n_refresh_failed"] == 0, move.statistics
+
+
+def test_internal_flow_refuses_system_that_is_not_rotation_invariant(ala_md):
+    """An external field breaks rotation invariance: the Haar orientation of an internal-coordinate
+    flow would then be wrong, and the move says so."""
+    import copy
+
+    import openmm
+    from openmm import unit
+    from openmmtools import cache, states
+
+    s, x, _ = ala_md
+    flow = fp.train_flow(x[:500], topology=s.topology, epochs=2, hidden=16, n_layers=2, n_steps=4, progress=False)
+    system = copy.deepcopy(s.system)
+    field = openmm.CustomExternalForce("k*(x-x0)^2; x0=0.5; k=10")  # depends on x only: not rotation invariant
+    for i in range(system.getNumParticles()):
+        field.addParticle(i, [])
+    system.addForce(field)
+    ts = states.ThermodynamicState(system, 300.0 * unit.kelvin)
+    ss = states.SamplerState(x[-1] * unit.nanometer)
+    with pytest.raises(ValueError, match="not (rotation|translation) invariant"):
+        fp.FlowPerturbationMove(flow, n_proposals=2, seed=0).apply(ts, ss, cache.ContextCache(capacity=1))

@@ -11,7 +11,8 @@ import numpy as np
 import openmm
 from openmm import unit
 
-__all__ = ["check_system", "is_translation_invariant", "translation_invariance_by_force_types"]
+__all__ = ["check_system", "is_translation_invariant", "is_rotation_invariant",
+           "translation_invariance_by_force_types"]
 
 # Forces whose energy depends only on interparticle geometry (distances, angles, dihedrals) when the
 # system is non-periodic. Forces without energy (CMMotionRemover, thermostats) count as invariant.
@@ -29,7 +30,7 @@ _EXTERNAL_FORCES = frozenset({"CustomExternalForce"})
 
 def check_system(system: openmm.System, n_atoms: Optional[int] = None,
                  translation_invariant_required: bool = False,
-                 positions=None) -> None:
+                 positions=None, rotation_invariant_required: bool = False) -> None:
     """Raise ``ValueError`` if ``system`` cannot be sampled with flow moves.
 
     Parameters
@@ -44,6 +45,9 @@ def check_system(system: openmm.System, n_atoms: Optional[int] = None,
         ``positions`` is given, otherwise from the force types.
     positions : array_like, optional
         A configuration (N, 3) in nm for the numerical translation test.
+    rotation_invariant_required : bool
+        Require that the energy be unchanged by rigid rotations (internal-coordinate flows draw
+        the orientation from the Haar measure); needs ``positions`` (numerical test).
 
     Raises
     ------
@@ -90,6 +94,14 @@ def check_system(system: openmm.System, n_atoms: Optional[int] = None,
                              "CustomExternalForce or restraint to absolute positions), so a mean-free "
                              "(translation-equivariant) flow cannot sample it; use a flow that is not "
                              "mean-free, or remove the position-dependent external forces")
+    if rotation_invariant_required:
+        if positions is None:
+            raise ValueError("rotation invariance can only be tested numerically: pass positions")
+        if not is_rotation_invariant(system, positions):
+            raise ValueError("the potential energy is not rotation invariant (an external field or a "
+                             "restraint to absolute positions), so an internal-coordinate flow, which leaves "
+                             "the orientation to the Haar measure, cannot sample it; use a Cartesian flow "
+                             "(train_flow(..., coordinates='cartesian')) or remove the external forces")
 
 
 def _force_names(system: openmm.System) -> str:
@@ -128,6 +140,46 @@ def translation_invariance_by_force_types(system: openmm.System) -> Optional[boo
     if any(r is False for r in results):
         return False
     return True if all(r is True for r in results) else None
+
+
+def _energy_unchanged(system: openmm.System, positions, moves, rtol: float, atol: float) -> bool:
+    """Energy (Reference, kJ/mol) at one configuration against the energies after rigid ``moves``
+    (functions of an (N, 3) array); True if every change is at most atol + rtol * max(|U|, 1)."""
+    from .reduced_potential import as_positions_array
+    x = as_positions_array(positions, system.getNumParticles())
+    if x.shape[0] != 1:
+        raise ValueError(f"positions must be one configuration (N, 3), got {x.shape[0]}")
+    x = x[0]
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0),
+                         openmm.Platform.getPlatformByName("Reference"))
+    try:
+        def energy(p):
+            ctx.setPositions(p)
+            return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
+                unit.kilojoule_per_mole)
+        u0 = energy(x)
+        if not np.isfinite(u0):
+            raise ValueError(f"energy at the given positions is not finite ({u0}); pass a valid "
+                             "configuration")
+        tol = atol + rtol * max(abs(u0), 1.0)
+        return all(abs(energy(move(x)) - u0) <= tol for move in moves)
+    finally:
+        del ctx
+
+
+def is_rotation_invariant(system: openmm.System, positions, *, n_trials: int = 3, rtol: float = 1e-6,
+                          atol: float = 1e-6, seed: Optional[int] = 0) -> bool:
+    """Whether the energy at one configuration (N, 3) nm is unchanged by ``n_trials`` random rigid
+    rotations about its centroid (numerical test on the Reference platform, tolerances as in
+    :func:`is_translation_invariant`)."""
+    rng = np.random.default_rng(seed)
+    rots = [np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(int(n_trials))]
+    rots = [r * np.sign(np.linalg.det(r)) for r in rots]
+
+    def rotate(r):
+        return lambda x: (x - x.mean(0)) @ r.T + x.mean(0)
+
+    return _energy_unchanged(system, positions, [rotate(r) for r in rots], rtol, atol)
 
 
 def is_translation_invariant(system: openmm.System, positions=None, *, n_trials: int = 3,
@@ -172,30 +224,9 @@ def is_translation_invariant(system: openmm.System, positions=None, *, n_trials:
             raise ValueError(f"cannot decide from the force types ({_force_names(system)}) whether the "
                              "energy is translation invariant; pass positions for a numerical test")
         return inv
-    from .reduced_potential import as_positions_array
-    x = as_positions_array(positions, system.getNumParticles())
-    if x.shape[0] != 1:
-        raise ValueError(f"positions must be one configuration (N, 3), got {x.shape[0]}")
-    x = x[0]
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0),
-                         openmm.Platform.getPlatformByName("Reference"))
-    try:
-        def energy(p):
-            ctx.setPositions(p)
-            return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
-                unit.kilojoule_per_mole)
-        u0 = energy(x)
-        if not np.isfinite(u0):
-            raise ValueError(f"energy at the given positions is not finite ({u0}); pass a valid "
-                             "configuration")
-        tol = atol + rtol * max(abs(u0), 1.0)
-        rng = np.random.default_rng(seed)
-        for _ in range(int(n_trials)):
-            t = rng.normal(size=3)
-            t *= displacement / np.linalg.norm(t)
-            u = energy(x + t)
-            if not (abs(u - u0) <= tol):
-                return False
-        return True
-    finally:
-        del ctx
+    rng = np.random.default_rng(seed)
+    shifts = []
+    for _ in range(int(n_trials)):
+        t = rng.normal(size=3)
+        shifts.append(t * displacement / np.linalg.norm(t))
+    return _energy_unchanged(system, positions, [lambda x, t=t: x + t for t in shifts], rtol, atol)

@@ -225,7 +225,8 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                 raise ValueError(f"atom-count/dimension mismatch: the flow has "
                                  f"{flow.n_atoms or flow.dim} {'atoms' if flow.n_atoms else 'coordinates'}, "
                                  f"the system {n} particles ({3 * n} coordinates); use a flow trained for this system")
-            check_system(system, translation_invariant_required=flow.remove_com, positions=x)
+            check_system(system, translation_invariant_required=flow.remove_com, positions=x,
+                         rotation_invariant_required=flow.metadata.get("orientation") == "haar")
             if getattr(thermodynamic_state, "pressure", None) is not None:
                 raise ValueError("NPT states are not supported by FlowPerturbationMove; use an NVT state")
             self._energies[key] = ReducedPotential(system, thermodynamic_state.temperature,
