@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from . import noise as _noise
+from ._files import atomic_write
 from .estimators import ESTIMATORS, PerturbedFlowModule
 from .flow import CNF, Affine, NormalizedInternal, frame_rotation, haar_rotations
 
@@ -353,18 +353,9 @@ class PerturbedFlow:
     def save(self, path: str) -> None:
         """Write the scripted module and its metadata to ``path`` atomically (temporary file + rename)."""
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".flowpert-", suffix=".pt.tmp", dir=folder)
-        os.close(fd)
-        try:
-            torch.jit.save(self.module, tmp, _extra_files={_META: json.dumps(self.metadata)})
-            os.replace(tmp, path)
-            self.path = os.path.abspath(path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        meta = {_META: json.dumps(self.metadata)}
+        atomic_write(path, lambda tmp: torch.jit.save(self.module, tmp, _extra_files=meta), suffix=".pt")
+        self.path = os.path.abspath(path)
 
     @classmethod
     def load(cls, path: str, map_location: str = "cpu") -> "PerturbedFlow":

@@ -14,7 +14,7 @@ from openmm_flowpert import FlowFileError
 def test_save_load_round_trip_in_fresh_process(gmm_flow, tmp_path):
     path = tmp_path / "flow.pt"
     gmm_flow.save(path)
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no half-written leftovers
+    assert os.listdir(tmp_path) == ["flow.pt"]  # no half-written leftovers
     w = torch.randn(5, gmm_flow.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(5, gmm_flow.n_steps, gmm_flow.dim, dtype=torch.float64)
     x, lq = gmm_flow.evaluate(w, eps, estimator="fp++")

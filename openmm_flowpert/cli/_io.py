@@ -3,29 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 
-
-def _tmp_near(path: str, suffix: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".flowpert-", suffix=suffix, dir=folder)
-    os.close(fd)
-    return tmp
+from .._files import atomic_write
 
 
 def _atomic(path: str, suffix: str, write) -> None:
-    tmp = _tmp_near(path, suffix)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write, suffix)
 
 
 def write_trajectory(path: str, positions: np.ndarray, topology, time_ps: Optional[np.ndarray] = None) -> str:

@@ -8,12 +8,13 @@ chain samples the Boltzmann distribution of the system at ``temperature``.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+
+from .._files import atomic_write
 
 __all__ = ["HybridResult", "run_hybrid"]
 
@@ -63,17 +64,7 @@ def _seeded_langevin(seed: int, **kw):
 
 
 def _save(path: str, **arrays) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".flowpert-run-", suffix=".npz", dir=folder)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
 def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations: Optional[int] = None,

@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .._files import atomic_write
 from ..flow import Affine, InternalCoordinates, NormalizedInternal, VelocityMLP, build_zmatrix, time_grid
 from ..noise import project_mean_free
 from ..perturbed_flow import PerturbedFlow
@@ -65,17 +65,7 @@ def _internal_transform(topology, x: torch.Tensor, n_atoms: int) -> NormalizedIn
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="flowpert-ckpt-", suffix=".tmp.pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp), suffix=".pt")
 
 
 def _load_checkpoint(path: str, dim: int, seed: int) -> dict:
