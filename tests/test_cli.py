@@ -125,3 +125,21 @@ def test_bundled_flow_matches_system_and_is_accepted():
     x0 = langevin_md(ala.system, ala.positions, 300.0, 32, steps_per_frame=500, seed=2, progress=False)
     res = fp.run_metropolis(flow, rp, 32, 20, x0=x0, seed=4, store_positions=False)
     assert res.acceptance > BUNDLED_ACCEPTANCE_FLOOR, res.acceptance
+
+
+def test_cli_sample_replica_exchange_and_resume(tmp_path):
+    """--temperatures runs openmmtools' ReplicaExchangeSampler with MD + flow moves; re-running with
+    more iterations extends the stored run."""
+    import mdtraj as md
+
+    flow = bundled_flow("alanine-dipeptide")
+    out = tmp_path / "rex"
+    args = ["sample", "--system", "alanine-dipeptide", "--flow", flow, "--temperatures", "300,330",
+            "--md-steps", "20", "--proposals", "2", "--out", str(out)]
+    assert main(args + ["--iterations", "3"]) == 0
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 3
+    assert main(args + ["--iterations", "5"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["iterations"] == 5 and s["temperatures_K"] == [300.0, 330.0]
+    assert s["move_statistics"]["n_proposed"] > 0
+    assert md.load(str(out / "trajectory.dcd"), top=str(out / "trajectory.pdb")).n_frames == 5

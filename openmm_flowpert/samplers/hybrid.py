@@ -50,17 +50,9 @@ class HybridResult:
 
 
 def _seeded_langevin(seed: int, **kw):
-    from openmmtools import mcmc
+    from ..moves.langevin import SeededLangevinDynamicsMove
 
-    class SeededLangevinDynamicsMove(mcmc.LangevinDynamicsMove):
-        """LangevinDynamicsMove whose integrator noise is seeded (reproducible runs)."""
-
-        def _get_integrator(self, thermodynamic_state):
-            integrator = super()._get_integrator(thermodynamic_state)
-            integrator.setRandomNumberSeed(int(seed) % 2_147_483_647 + 1)
-            return integrator
-
-    return SeededLangevinDynamicsMove(**kw)
+    return SeededLangevinDynamicsMove(seed=seed, **kw)
 
 
 def _save(path: str, **arrays) -> None:
@@ -164,8 +156,8 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_iterations, initial=len(us), desc=desc or ("hybrid MD + FP" if fpm else "plain MD"),
-                   unit="it")
+        bar = tqdm(total=n_iterations if seconds is None else None, initial=len(us),
+                   desc=desc or ("hybrid MD + FP" if fpm else "plain MD"), unit="it")
     t_last = time.perf_counter()
     while not done():
         md.apply(ts, ss, cc)
