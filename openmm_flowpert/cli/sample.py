@@ -82,7 +82,16 @@ def _summary_and_plots(args, ms, temperature, positions, energies, accepted, pro
                "n_accepted": int(np.sum(accepted)), "n_proposed": int(np.sum(proposed)),
                "mean_reduced_energy": [m, se], "statistical_inefficiency_energy": g}
     summary.update(extra)
-    plots.energy_histograms(os.path.join(args.out, "energies.png"), {"samples": energies}, temperature)
+    curves = {"samples": energies}
+    if np.sum(proposed):  # what the flow proposes, against what the chain accepted
+        import openmm_flowpert as fp
+
+        from ..energies import ReducedPotential
+
+        flow = fp.PerturbedFlow.load(args.flow or bundled_flow(args.system))
+        curves = {"flow proposals": ReducedPotential(ms.system, temperature)(flow.sample(500, seed=args.seed)),
+                  "samples (MD + accepted flow moves)": energies}
+    plots.energy_histograms(os.path.join(args.out, "energies.png"), curves, temperature)
     if np.sum(proposed):
         plots.acceptance_over_time(os.path.join(args.out, "acceptance.png"), accepted, proposed)
     try:
@@ -122,10 +131,8 @@ def _replica_exchange(args, ms, temps, flow) -> int:
     if os.path.exists(storage):
         reporter = multistate.MultiStateReporter(storage, open_mode="a", checkpoint_interval=1)
         sampler = multistate.ReplicaExchangeSampler.from_storage(reporter)
-        done = sampler.iteration
-        if done < args.iterations:
-            print(f"resuming replica exchange at iteration {done}")
-            sampler.extend(args.iterations - done)
+        if sampler.iteration < args.iterations:
+            print(f"resuming replica exchange at iteration {sampler.iteration}")
     else:
         moves = [_seeded_langevin(args.seed, timestep=1.0 * unit.femtosecond, collision_rate=1.0 / unit.picosecond,
                                   n_steps=args.md_steps, reassign_velocities=False)]
@@ -138,7 +145,16 @@ def _replica_exchange(args, ms, temps, flow) -> int:
                                                     number_of_iterations=args.iterations)
         reporter = multistate.MultiStateReporter(storage, checkpoint_interval=1)
         sampler.create(thermodynamic_states=thermo, sampler_states=start, storage=reporter)
-        sampler.run()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.iterations, initial=sampler.iteration, desc="replica exchange", unit="it") as bar:
+        while sampler.iteration < args.iterations:
+            sampler.extend(1)
+            bar.update(1)
+            seq = sampler.mcmc_moves[0]
+            if isinstance(seq, mcmc.SequenceMove) and len(seq.move_list) > 1:
+                st = seq.move_list[1].statistics
+                bar.set_postfix(acceptance=f"{st['n_accepted'] / max(st['n_proposed'], 1):.3f}")
     stats = {}
     move = sampler.mcmc_moves[0]
     if isinstance(move, mcmc.SequenceMove) and len(move.move_list) > 1:
