@@ -48,6 +48,7 @@ def main():
     p.add_argument("--methods", default="fp,fp++,jacobian,hutchinson:1,hutchinson:10")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="skip the SMC of a method predicted slower")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="independent SMC runs per method (seeds seed, seed+1, ...)")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -66,15 +67,19 @@ def main():
         predicted = per * args.walkers * (args.sweeps * args.steps + 1)
         row = {"seconds_per_weight": per, "predicted_smc_s": predicted}
         if predicted <= args.max_seconds:
-            smc = fp.FlowPerturbationSMC(flow, gmm.energy, n_walkers=args.walkers, n_steps=args.steps, sweeps=args.sweeps,
-                                         k=tuple(k), k_eps=tuple(k), estimator=est, n_probes=n_pr, seed=args.seed)
-            r = smc.run(progress=True)
-            left = (r.x[:, 0] < 0).double()
-            u = gmm.energy(r.x)
-            ok = torch.isfinite(r.log_w)
-            row.update({"fraction_left": r.estimate(left), "mean_u": r.estimate(u), "log_z": r.log_z,
-                        "final_acceptance": float(r.acceptance[-1]), "var_log_w": float(r.log_w[ok].var()),
-                        "n_resampled": r.n_resampled, "n_ancestors": r.n_ancestors, "wall_s": r.wall_time_s})
+            runs = []
+            for rep in range(args.repeats):
+                smc = fp.FlowPerturbationSMC(flow, gmm.energy, n_walkers=args.walkers, n_steps=args.steps,
+                                             sweeps=args.sweeps, k=tuple(k), k_eps=tuple(k), estimator=est,
+                                             n_probes=n_pr, seed=args.seed + rep)
+                r = smc.run(progress=True)
+                ok = torch.isfinite(r.log_w)
+                runs.append([r.estimate((r.x[:, 0] < 0).double()), r.estimate(gmm.energy(r.x)), r.log_z,
+                             float(r.acceptance[-1]), float(r.log_w[ok].var()), r.n_ancestors, r.wall_time_s])
+            a = np.asarray(runs)
+            mean, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros(a.shape[1])
+            names = ["fraction_left", "mean_u", "log_z", "final_acceptance", "var_log_w", "n_ancestors", "wall_s"]
+            row.update({nm: [float(mean[i]), float(se[i])] for i, nm in enumerate(names)})
         out["methods"][m] = row
         print(m, json.dumps(row), flush=True)
     if args.json:
