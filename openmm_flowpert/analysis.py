@@ -29,14 +29,25 @@ def backbone_dihedrals(positions: np.ndarray, topology) -> Tuple[np.ndarray, np.
     return phi, psi
 
 
+def _pymbar_timeseries():
+    """pymbar.timeseries without its import banner and its per-call caution (stated in our docs)."""
+    import contextlib
+    import io
+    import logging
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from pymbar import timeseries
+    logging.getLogger("pymbar.timeseries").setLevel(logging.ERROR)
+    return timeseries
+
+
 def mean_and_se(values: np.ndarray) -> Tuple[float, float, float]:
     """Mean, standard error and statistical inefficiency g of a time series.
 
     g from pymbar's ``statistical_inefficiency`` (1 for a constant series). A series with no
     variation gets SE 0: report it as "no transitions observed", not as a precise value.
     """
-    from pymbar import timeseries
-
+    timeseries = _pymbar_timeseries()
     v = np.asarray(values, dtype=np.float64)
     if v.size < 2 or v.std() == 0:
         return float(v.mean()) if v.size else float("nan"), 0.0, 1.0
