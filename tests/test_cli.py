@@ -32,6 +32,13 @@ def test_builtin_systems_and_errors(tmp_path):
         app.PDBFile.writeFile(ala.topology, ala.positions * unit.nanometer, fh)
     s = get_system(str(pdb), ["amber14-all.xml"])
     assert s.n_atoms == 22 and s.system.getNumConstraints() == 0
+    # and an AMBER prmtop/inpcrd pair (openmmtools ships one for alanine dipeptide)
+    import openmmtools
+    d = os.path.join(os.path.dirname(openmmtools.__file__), "data", "alanine-dipeptide-gbsa")
+    amber = get_system(os.path.join(d, "alanine-dipeptide.prmtop") + ":" + os.path.join(d, "alanine-dipeptide.crd"))
+    assert amber.n_atoms == 22 and amber.system.getNumConstraints() == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        get_system(str(tmp_path / "x.prmtop"))
 
 
 def test_cli_simulate_train_sample(tmp_path, capsys):
