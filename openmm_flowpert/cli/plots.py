@@ -18,8 +18,9 @@ def _figure(*args, **kw):
     return plt, plt.subplots(*args, **kw)
 
 
-def _save(plt, fig, path: str) -> str:
-    fig.tight_layout()
+def _save(plt, fig, path: str, tight: bool = True) -> str:
+    if tight:
+        fig.tight_layout()
     _atomic(path, ".png", lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
     plt.close(fig)
     return path
@@ -78,11 +79,4 @@ def ramachandran(path: str, panels: Dict[str, Tuple[np.ndarray, np.ndarray]], kT
         ax.axvline(0, color="w", lw=0.5, ls="--")
         ax.axvline(2.5, color="w", lw=0.5, ls="--")
     fig.colorbar(im, ax=axes[0].tolist(), label=f"free energy ({kT_label})")
-    plt_path = _save_no_tight(plt, fig, path)
-    return plt_path
-
-
-def _save_no_tight(plt, fig, path):
-    _atomic(path, ".png", lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, tight=False)  # constrained layout already placed the colorbar

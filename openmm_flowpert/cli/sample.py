@@ -125,7 +125,7 @@ def _replica_exchange(args, ms, temps, flow) -> int:
     from openmmtools import mcmc, multistate, states
 
     from ..moves import FlowPerturbationMove
-    from ..samplers.hybrid import _seeded_langevin
+    from ..moves.langevin import SeededLangevinDynamicsMove
 
     storage = os.path.join(args.out, "replica_exchange.nc")
     if os.path.exists(storage):
@@ -134,8 +134,9 @@ def _replica_exchange(args, ms, temps, flow) -> int:
         if sampler.iteration < args.iterations:
             print(f"resuming replica exchange at iteration {sampler.iteration}")
     else:
-        moves = [_seeded_langevin(args.seed, timestep=1.0 * unit.femtosecond, collision_rate=1.0 / unit.picosecond,
-                                  n_steps=args.md_steps, reassign_velocities=False)]
+        moves = [SeededLangevinDynamicsMove(seed=args.seed, timestep=1.0 * unit.femtosecond,
+                                            collision_rate=1.0 / unit.picosecond, n_steps=args.md_steps,
+                                            reassign_velocities=False)]
         if flow is not None:
             moves.append(FlowPerturbationMove(flow, n_proposals=args.proposals, estimator=args.estimator,
                                               prior_scale="sqrt(T/T0)", seed=args.seed, reassign_velocities=False))

@@ -49,12 +49,6 @@ class HybridResult:
         return int(self.reduced_energies.shape[0])
 
 
-def _seeded_langevin(seed: int, **kw):
-    from ..moves.langevin import SeededLangevinDynamicsMove
-
-    return SeededLangevinDynamicsMove(seed=seed, **kw)
-
-
 def _save(path: str, **arrays) -> None:
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
@@ -95,30 +89,24 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     -------
     HybridResult
     """
+    import openmm
     from openmm import unit
     from openmmtools import cache, states
 
+    from ..energies import platform_candidates
     from ..moves import FlowPerturbationMove
+    from ..moves.langevin import SeededLangevinDynamicsMove
 
     if n_iterations is None and seconds is None:
         raise ValueError("give n_iterations, seconds or both")
     ts = states.ThermodynamicState(system, float(temperature) * unit.kelvin)
     ss = states.SamplerState(np.asarray(positions, dtype=np.float64) * unit.nanometer)
-    md = _seeded_langevin(seed, timestep=timestep_fs * unit.femtosecond, collision_rate=friction / unit.picosecond,
-                          n_steps=int(md_steps), reassign_velocities=False)
     fpm = None
     if flow is not None:
         fpm = FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, seed=seed,
                                    platform=platform, reassign_velocities=False)
-    plat = None
-    if platform is not None:
-        import openmm
-
-        plat = openmm.Platform.getPlatformByName(platform)
-    elif system.getNumParticles() < 50:
-        import openmm
-
-        plat = openmm.Platform.getPlatformByName("Reference")
+    # the energy layer's choice (Reference below SMALL_SYSTEM_ATOMS atoms, GPU platforms first)
+    plat = openmm.Platform.getPlatformByName(platform_candidates(system.getNumParticles(), platform)[0])
     cc = cache.ContextCache(capacity=2, platform=plat)
     xs, us, acc, prop, walls = [], [], [], [], []
     elapsed = 0.0
@@ -134,9 +122,10 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
         ss.velocities = ck["state_velocities"] * unit.nanometer / unit.picosecond
         if fpm is not None:
             fpm._calls = int(ck["move_calls"])
-        md = _seeded_langevin(seed + len(us), timestep=timestep_fs * unit.femtosecond,
-                              collision_rate=friction / unit.picosecond, n_steps=int(md_steps),
-                              reassign_velocities=False)
+    # a resumed run continues with fresh Langevin noise (seeded by the iteration it resumes at)
+    md = SeededLangevinDynamicsMove(seed=seed + len(us), timestep=timestep_fs * unit.femtosecond,
+                                    collision_rate=friction / unit.picosecond, n_steps=int(md_steps),
+                                    reassign_velocities=False)
     kT = unit.MOLAR_GAS_CONSTANT_R * float(temperature) * unit.kelvin
 
     def done() -> bool:

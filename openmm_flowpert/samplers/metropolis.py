@@ -15,7 +15,7 @@ import torch
 from ..noise import Noise
 from ..perturbed_flow import PerturbedFlow
 
-__all__ = ["log_weights", "metropolis_accept", "MetropolisResult", "run_metropolis"]
+__all__ = ["log_weights", "metropolis_accept", "latent_proposal", "MetropolisResult", "run_metropolis"]
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,6 +71,24 @@ class MetropolisResult:
 def _energy(energy: EnergyFn, x: torch.Tensor) -> torch.Tensor:
     u = torch.as_tensor(np.asarray(energy(x), dtype=np.float64)).reshape(x.shape[0])
     return torch.where(torch.isfinite(u), u, torch.full_like(u, float("inf")))
+
+
+def latent_proposal(flow: PerturbedFlow, w: torch.Tensor, eps: torch.Tensor, noise: Noise, k, k_eps, reference=None,
+                    **kw):
+    """Latent-local proposal: redraw ``k`` coordinates of each latent w (B, D) and ``k_eps`` of each
+    probe vector of eps (B, P, D) from N(0, 1) (reversible w.r.t. the Gaussian prior), then evaluate.
+
+    ``k`` / ``k_eps`` are ints or per-row tensors (B,). Returns (w_new, eps_new, x, log_q).
+    """
+    B = w.shape[0]
+    w_new, _ = noise.partial_redraw(w, k)
+    eps_new = eps
+    if eps.shape[1] > 0:
+        P, D = eps.shape[1], eps.shape[2]
+        ke = torch.as_tensor(k_eps).expand(B).repeat_interleave(P) if torch.is_tensor(k_eps) else k_eps
+        eps_new = noise.partial_redraw(eps.reshape(B * P, D), ke)[0].reshape(B, P, D)
+    x, log_q = flow.evaluate(w_new, eps_new, reference=reference, **kw)
+    return w_new, eps_new, x, log_q
 
 
 def run_metropolis(flow: PerturbedFlow, energy: EnergyFn, n_chains: int, n_iterations: int, *,
@@ -134,14 +152,7 @@ def run_metropolis(flow: PerturbedFlow, energy: EnergyFn, n_chains: int, n_itera
             prop = flow.propose(n_chains, noise, reference=x, **kw)
             w_new, eps_new = prop.w, prop.eps
         else:
-            w_new, _ = noise.partial_redraw(w, k)
-            if eps.shape[1] > 0:
-                B, P, D = eps.shape
-                e2, _ = noise.partial_redraw(eps.reshape(B * P, D), k_eps)
-                eps_new = e2.reshape(B, P, D)
-            else:
-                eps_new = eps
-            xp, lq = flow.evaluate(w_new, eps_new, reference=x, **kw)
+            w_new, eps_new, xp, lq = latent_proposal(flow, w, eps, noise, k, k_eps, reference=x, **kw)
             prop = type(state)(xp, lq, w_new, eps_new)
         u_new = _energy(energy, prop.x)
         log_w_new = log_weights(u_new, prop.log_q)

@@ -20,16 +20,11 @@ import torch
 from .._files import atomic_write
 from ..noise import Noise
 from ..perturbed_flow import PerturbedFlow
-from .metropolis import log_weights, metropolis_accept
+from .metropolis import _energy, latent_proposal, log_weights, metropolis_accept
 
 __all__ = ["latent_sweep", "LatentMC", "FlowPerturbationSMC", "SMCResult", "sigmoid_schedule"]
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _energy(energy: EnergyFn, x: torch.Tensor) -> torch.Tensor:
-    u = torch.as_tensor(np.asarray(energy(x), dtype=np.float64)).reshape(x.shape[0])
-    return torch.where(torch.isfinite(u), u, torch.full_like(u, float("inf")))
 
 
 def latent_sweep(flow: PerturbedFlow, energy: EnergyFn, state: dict, noise: Noise, b: float = 1.0,
@@ -41,13 +36,7 @@ def latent_sweep(flow: PerturbedFlow, energy: EnergyFn, state: dict, noise: Nois
     """
     w, eps, x = state["w"], state["eps"], state["x"]
     B = w.shape[0]
-    w_new, _ = noise.partial_redraw(w, k)
-    eps_new = eps
-    if eps.shape[1] > 0:
-        P, D = eps.shape[1], eps.shape[2]
-        ke = torch.as_tensor(k_eps).expand(B).repeat_interleave(P) if torch.is_tensor(k_eps) else k_eps
-        eps_new = noise.partial_redraw(eps.reshape(B * P, D), ke)[0].reshape(B, P, D)
-    xp, lq = flow.evaluate(w_new, eps_new, reference=x, **kw)
+    w_new, eps_new, xp, lq = latent_proposal(flow, w, eps, noise, k, k_eps, reference=x, **kw)
     u_new = _energy(energy, xp)
     lw_new = log_weights(u_new, lq)
     bb = max(float(b), 1e-12)  # b = 0: every finite proposal is accepted, non-finite ones never
