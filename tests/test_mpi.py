@@ -1,6 +1,7 @@
 """Replica exchange with FlowPerturbationMove under MPI (mpiexec -n 2, mpi4py + mpich wheels):
 completes, every rank loads the flow and the native ops, and the state-0 population of the left
-well agrees with the 1-rank run and with the exact value (0.25) within standard errors."""
+well agrees with the 1-rank run and with the exact value (0.25) within 4 standard errors (the
+statistical-inefficiency SE of a 120-sample binary series is itself uncertain by ~20 %)."""
 import json
 import math
 import os
@@ -33,6 +34,6 @@ def test_two_ranks_agree_with_one_rank_and_exact(gmm_system_flow, tmp_path):
     assert one["ranks"] == 1 and two["ranks"] == 2
     for res in (one, two):
         assert res["n"] == N_ITER
-        assert abs(res["left"] - res["exact"]) < 3 * res["se"] + 1e-9, res
+        assert abs(res["left"] - res["exact"]) < 4 * res["se"] + 1e-9, res
         assert sum(s["n_proposed"] for s in res["stats"]) > 0
-    assert abs(one["left"] - two["left"]) < 3 * math.hypot(one["se"], two["se"]) + 1e-9, (one, two)
+    assert abs(one["left"] - two["left"]) < 4 * math.hypot(one["se"], two["se"]) + 1e-9, (one, two)

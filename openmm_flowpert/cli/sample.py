@@ -126,6 +126,7 @@ def _replica_exchange(args, ms, temps, flow) -> int:
 
     from ..moves import FlowPerturbationMove
     from ..moves.langevin import SeededLangevinDynamicsMove
+    from ..moves.replica_rng import seed_replica_exchange
 
     storage = os.path.join(args.out, "replica_exchange.nc")
     if os.path.exists(storage):
@@ -150,6 +151,7 @@ def _replica_exchange(args, ms, temps, flow) -> int:
 
     with tqdm(total=args.iterations, initial=sampler.iteration, desc="replica exchange", unit="it") as bar:
         while sampler.iteration < args.iterations:
+            seed_replica_exchange(args.seed, sampler.iteration)  # resumed runs swap like uninterrupted ones
             sampler.extend(1)
             bar.update(1)
             seq = sampler.mcmc_moves[0]

@@ -15,6 +15,7 @@ from openmmtools import multistate, states
 from pymbar import timeseries
 
 from openmm_flowpert import FlowPerturbationMove
+from openmm_flowpert.moves.replica_rng import seed_replica_exchange
 from openmm_flowpert.testsystems import GaussianMixture
 
 flow_file, storage, n_iter, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -26,6 +27,7 @@ move = FlowPerturbationMove(flow_file, n_proposals=8, prior_scale="sqrt(T/T0)", 
 sampler = multistate.ReplicaExchangeSampler(mcmc_moves=move, number_of_iterations=n_iter)
 reporter = multistate.MultiStateReporter(storage, checkpoint_interval=1)
 sampler.create(thermodynamic_states=thermo, sampler_states=starts, storage=reporter)
+seed_replica_exchange(seed)  # openmmtools' swaps (numpy and numba generators)
 sampler.run()
 
 from mpiplus import get_mpicomm  # noqa: E402
