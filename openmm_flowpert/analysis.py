@@ -10,7 +10,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["backbone_dihedrals", "mean_and_se", "phi_populations", "PHI_BASIN"]
+__all__ = ["backbone_dihedrals", "mean_and_se", "phi_populations", "PHI_BASIN", "ca_distances", "rmsd_to",
+           "select_ca_pair", "weighted_mean_and_se"]
 
 #: The rare left-handed basin of alanine dipeptide used by the replica-exchange reference (rad).
 PHI_BASIN = (0.0, 2.5)
@@ -66,3 +67,68 @@ def effective_samples(values: np.ndarray) -> Optional[float]:
     """n / g of a time series (None if it never changes)."""
     m, se, g = mean_and_se(values)
     return None if se == 0 else len(values) / g
+
+
+def _mdtraj(positions: np.ndarray, topology):
+    import mdtraj as md
+
+    top = topology if isinstance(topology, md.Topology) else md.Topology.from_openmm(topology)
+    return md.Trajectory(np.asarray(positions, dtype=np.float32).reshape(-1, top.n_atoms, 3), top)
+
+
+def ca_distances(positions: np.ndarray, topology, pairs) -> np.ndarray:
+    """Distances (n_frames, n_pairs) in nm between the C-alpha atoms of residue pairs.
+
+    ``pairs``: (i, j) residue indices (0-based, in topology order), one pair or a list of pairs.
+    """
+    traj = _mdtraj(positions, topology)
+    pairs = np.atleast_2d(np.asarray(pairs, dtype=int))
+    ca = {a.residue.index: a.index for a in traj.topology.atoms if a.name == "CA"}
+    missing = [int(r) for r in pairs.ravel() if int(r) not in ca]
+    if missing:
+        raise ValueError(f"residues {missing} have no C-alpha atom (residue indices are 0-based)")
+    import mdtraj as md
+
+    return md.compute_distances(traj, [[ca[int(i)], ca[int(j)]] for i, j in pairs]).astype(np.float64)
+
+
+def rmsd_to(positions: np.ndarray, reference: np.ndarray, topology, selection: str = "name CA") -> np.ndarray:
+    """RMSD (n_frames,) in nm of ``positions`` to ``reference`` (N, 3) nm after optimal superposition
+    of the atoms of the mdtraj ``selection`` (default: C-alpha atoms)."""
+    import mdtraj as md
+
+    traj = _mdtraj(positions, topology)
+    ref = _mdtraj(reference, traj.topology)
+    atoms = traj.topology.select(selection)
+    if len(atoms) == 0:
+        raise ValueError(f"the selection {selection!r} matches no atoms")
+    return md.rmsd(traj, ref, 0, atom_indices=atoms).astype(np.float64)
+
+
+def select_ca_pair(folded: np.ndarray, unfolded: np.ndarray, topology, min_separation: int = 3):
+    """The C-alpha pair that best separates two ensembles (positions (n, N, 3) nm each).
+
+    Score of a pair: the Fisher ratio (mean_u - mean_f)^2 / (var_f + var_u) of its distance, over
+    residue pairs at least ``min_separation`` apart in sequence. Returns ((i, j), score, table) with
+    0-based residue indices and ``table`` a list of (i, j, score, mean_folded, mean_unfolded) sorted
+    by score (nm).
+    """
+    traj = _mdtraj(folded[:1], topology)
+    res = sorted({a.residue.index for a in traj.topology.atoms if a.name == "CA"})
+    pairs = [(i, j) for k, i in enumerate(res) for j in res[k + 1:] if j - i >= min_separation]
+    df, du = ca_distances(folded, topology, pairs), ca_distances(unfolded, topology, pairs)
+    score = (du.mean(0) - df.mean(0)) ** 2 / (df.var(0) + du.var(0) + 1e-12)
+    table = sorted(((int(i), int(j), float(s), float(a), float(b)) for (i, j), s, a, b in
+                    zip(pairs, score, df.mean(0), du.mean(0))), key=lambda r: -r[2])
+    return (table[0][0], table[0][1]), table[0][2], table
+
+
+def weighted_mean_and_se(values: np.ndarray, weights: np.ndarray) -> Tuple[float, float]:
+    """Self-normalized importance-sampling estimate of E[values] and its delta-method standard error
+    sqrt(sum_i w_i^2 (v_i - mean)^2) with normalized weights w. For SMC walkers that share ancestors the
+    SE is a lower bound: repeat independent runs for an honest error bar."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    w = w / w.sum()
+    m = float((w * v).sum())
+    return m, float(np.sqrt((w ** 2 * (v - m) ** 2).sum()))

@@ -13,12 +13,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="flowpert",
         description="Unbiased Boltzmann sampling with flow perturbation (Peng & Gao 2025) in OpenMM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    from . import demo, sample, simulate, train
+    from . import chignolin, demo, sample, simulate, train
 
     simulate.add_parser(sub)
     train.add_parser(sub)
     sample.add_parser(sub)
     demo.add_parser(sub)
+    chignolin.add_parser(sub)
     return p
 
 

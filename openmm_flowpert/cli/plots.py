@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,10 +26,15 @@ def _save(plt, fig, path: str, tight: bool = True) -> str:
     return path
 
 
-def energy_histograms(path: str, energies: Dict[str, np.ndarray], temperature: Optional[float] = None) -> str:
-    """Histograms of reduced energies u = U/kT (one curve per label, e.g. flow proposals, accepted, MD)."""
+def energy_histograms(path: str, energies: Dict[str, np.ndarray], temperature: Optional[float] = None,
+                      range_from: Optional[Sequence[str]] = None) -> str:
+    """Histograms of reduced energies u = U/kT (one curve per label, e.g. flow proposals, accepted, MD).
+
+    The axis spans the 0.5-99.5 percentiles of all curves, or of the curves named in ``range_from``
+    (values outside are drawn in the edge bins, so a poor flow's proposals stay visible)."""
     plt, (fig, ax) = _figure(figsize=(5.5, 3.8))
-    finite = [np.asarray(v)[np.isfinite(v)] for v in energies.values() if len(v)]
+    finite = [np.asarray(v)[np.isfinite(v)] for k, v in energies.items()
+              if len(v) and (not range_from or k in range_from)]
     lo = min(np.percentile(v, 0.5) for v in finite)
     hi = max(np.percentile(v, 99.5) for v in finite)
     bins = np.linspace(lo, hi, 60)
@@ -80,3 +85,52 @@ def ramachandran(path: str, panels: Dict[str, Tuple[np.ndarray, np.ndarray]], kT
         ax.axvline(2.5, color="w", lw=0.5, ls="--")
     fig.colorbar(im, ax=axes[0].tolist(), label=f"free energy ({kT_label})")
     return _save(plt, fig, path, tight=False)  # constrained layout already placed the colorbar
+
+
+def smc_traces(path: str, b: np.ndarray, ess: np.ndarray, acceptance: np.ndarray) -> str:
+    """SMC diagnostics per step: the exponent b, the ESS fraction before resampling, the acceptance."""
+    plt, (fig, ax) = _figure(figsize=(5.5, 3.5))
+    steps = np.arange(1, len(ess) + 1)
+    ax.plot(steps, np.asarray(b)[1:len(ess) + 1], label="b (weight exponent)")
+    ax.plot(steps, ess, label="ESS / walkers")
+    ax.plot(steps, acceptance, label="acceptance")
+    ax.set_xlabel("SMC step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def folded_fraction_convergence(path: str, series: Dict[str, np.ndarray],
+                                points: Optional[Dict[str, Tuple[float, float]]] = None) -> str:
+    """Running folded fraction of time series (one curve each) and weighted estimates (mean +- SE)
+    drawn as horizontal bands."""
+    plt, (fig, ax) = _figure(figsize=(5.5, 3.5))
+    for label, v in series.items():
+        v = np.asarray(v, float)
+        if len(v):
+            ax.plot(np.arange(1, len(v) + 1) / len(v), np.cumsum(v) / np.arange(1, len(v) + 1), label=label)
+    for label, (m, se) in (points or {}).items():
+        line = ax.axhline(m, ls="--", lw=1, label=f"{label}: {m:.3f} +- {se:.3f}")
+        ax.axhspan(m - se, m + se, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("fraction of the run")
+    ax.set_ylabel("folded fraction")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def distributions(path: str, values: Dict[str, np.ndarray], weights: Optional[Dict[str, np.ndarray]] = None,
+                  xlabel: str = "", threshold: Optional[float] = None) -> str:
+    """Normalized histograms of one observable for several runs (weighted where weights are given)."""
+    plt, (fig, ax) = _figure(figsize=(5.5, 3.5))
+    allv = np.concatenate([np.asarray(v, float) for v in values.values() if len(v)])
+    bins = np.linspace(allv.min(), allv.max() + 1e-9, 50)
+    for label, v in values.items():
+        w = None if weights is None else weights.get(label)
+        ax.hist(v, bins=bins, weights=w, density=True, histtype="step", lw=1.5, label=f"{label} (n={len(v)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)

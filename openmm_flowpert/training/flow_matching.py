@@ -92,7 +92,8 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
                max_minutes: Optional[float] = None, prior_scale: float = 1.0,
                temperature: Optional[float] = None, energy: Optional[Callable] = None,
                n_validation_proposals: int = 256, checkpoint: Optional[str] = None, checkpoint_every: int = 10,
-               seed: int = 0, progress: bool = True) -> PerturbedFlow:
+               seed: int = 0, device: str = "cpu", mixed_precision: bool = False,
+               progress: bool = True) -> PerturbedFlow:
     """Train a perturbed flow on samples by flow matching.
 
     Parameters
@@ -132,6 +133,13 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
         uninterrupted one.
     seed : int
         Seeds the split, initialization and noise: equal seeds give equal flows.
+    device : str
+        Torch device of the training (``"cpu"``, ``"cuda"``). The noise is drawn on the CPU from the
+        seeded generator either way; the returned flow lives on the CPU.
+    mixed_precision : bool
+        bfloat16 autocast of the velocity network's forward pass on a CUDA device (the loss, the
+        optimizer and the saved weights stay float32); the integrated flow and every log q are
+        evaluated in float64 afterwards, so this only affects training speed and the fit.
     progress : bool
         Show a tqdm progress bar with the training and validation losses.
 
@@ -146,6 +154,10 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
     >>> flow = train_flow(gmm.sample(20000, weights=(0.5, 0.5)), epochs=50)  # doctest: +SKIP
     """
     t_start = time.time()
+    tdev = torch.device(device)
+    if mixed_precision and tdev.type != "cuda":
+        raise ValueError("mixed_precision=True needs device='cuda' (bfloat16 autocast on a GPU); "
+                         "train in float32 on the CPU")
     if coordinates is None:
         coordinates = "internal" if topology is not None else "cartesian"
     if coordinates not in ("internal", "cartesian"):
@@ -178,17 +190,17 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
 
     perm = torch.randperm(y.shape[0], generator=gen)
     n_val = max(1, int(round(validation_fraction * y.shape[0]))) if validation_fraction > 0 else 0
-    y_val, y_train = y[perm[:n_val]], y[perm[n_val:]]
+    y_val, y_train = y[perm[:n_val]].to(tdev), y[perm[n_val:]].to(tdev)
     D = y.shape[1]
 
     def draw_prior(n: int, g: torch.Generator) -> torch.Tensor:
         z = torch.randn(n, D, generator=g)
-        return prior_scale * (project_mean_free(z, npart) if npart else z)
+        return (prior_scale * (project_mean_free(z, npart) if npart else z)).to(tdev)
 
     def project(v: torch.Tensor) -> torch.Tensor:
         return project_mean_free(v, npart) if npart else v
 
-    velocity = VelocityMLP(D, hidden=hidden, n_layers=n_layers, n_freq=n_freq)
+    velocity = VelocityMLP(D, hidden=hidden, n_layers=n_layers, n_freq=n_freq).to(tdev)
     ema_model = copy.deepcopy(velocity)
     for p in ema_model.parameters():
         p.requires_grad_(False)
@@ -199,11 +211,13 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
     # Fixed validation noise, so validation losses are comparable across epochs.
     vgen = torch.Generator().manual_seed(int(seed) + 1)
     if n_val:
-        z_val, t_val = draw_prior(n_val, vgen), torch.rand(n_val, 1, generator=vgen)
+        z_val, t_val = draw_prior(n_val, vgen), torch.rand(n_val, 1, generator=vgen).to(tdev)
 
     def loss_on(model, y1, z, t):
         yt = (1 - t) * z + t * y1
-        return ((project(model(t, yt)) - (y1 - z)) ** 2).sum(1).mean()
+        with torch.autocast(device_type=tdev.type, dtype=torch.bfloat16, enabled=mixed_precision):
+            v = model(t, yt)
+        return ((project(v.float()) - (y1 - z)) ** 2).sum(1).mean()
 
     bar = None
     if progress:
@@ -231,7 +245,8 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
         total = 0.0
         for i in range(steps_per_epoch):
             y1 = y_train[order[i * batch_size:(i + 1) * batch_size]]
-            loss = loss_on(velocity, y1, draw_prior(y1.shape[0], gen), torch.rand(y1.shape[0], 1, generator=gen))
+            loss = loss_on(velocity, y1, draw_prior(y1.shape[0], gen),
+                           torch.rand(y1.shape[0], 1, generator=gen).to(tdev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -262,9 +277,11 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None,
     if bar is not None:
         bar.close()
     ema_model.load_state_dict(best_state)
+    ema_model = ema_model.cpu()
     info = {"epochs": epoch, "best_validation_loss": best, "wall_time_s": round(time.time() - t_start, 2),
             "hidden": hidden, "n_layers": n_layers, "n_freq": n_freq, "n_samples": int(x.shape[0]),
-            "seed": int(seed), "coordinates": coordinates}
+            "seed": int(seed), "coordinates": coordinates, "device": str(tdev),
+            "mixed_precision": bool(mixed_precision)}
     flow = PerturbedFlow.build(ema_model, time_grid(n_steps, grid), transform, n_particles=npart, scheme=scheme,
                                prior_scale=prior_scale, temperature=temperature, n_atoms=n_atoms,
                                extra={"grid": grid, "training": info})
