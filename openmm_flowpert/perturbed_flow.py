@@ -106,6 +106,29 @@ class PerturbedFlow:
         self.module = module
         self.metadata = dict(metadata)
         self.path = path  #: the file this flow was loaded from or last saved to
+        self.device = torch.device("cpu")  #: where the network runs (see :meth:`to`)
+
+    def to(self, device) -> "PerturbedFlow":
+        """Run the network on a torch ``device`` (``"cuda"``, ``"cpu"``); returns self.
+
+        Only the integration and the estimators move: noise is drawn on the CPU (counter-based, so
+        results do not depend on the device's thread count), and every method still takes and
+        returns CPU tensors, so samplers and OpenMM energies are unchanged. Worth it for large
+        batches (SMC walkers); a single Metropolis chain is faster on the CPU.
+        """
+        self.device = torch.device(device)
+        self.module = self.module.to(self.device)
+        return self
+
+    def _call(self, method: str, *args):
+        """Call a scripted method on the flow's device with CPU tensors in and out."""
+        fn = getattr(self.module, method)
+        if self.device == torch.device("cpu"):  # ("cpu:0" takes the general path: used in the tests)
+            return fn(*args)
+        out = fn(*[a.to(self.device) if torch.is_tensor(a) else a for a in args])
+        if isinstance(out, tuple):
+            return tuple(o.cpu() for o in out)
+        return out.cpu()
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -274,7 +297,7 @@ class PerturbedFlow:
         """
         exact, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
         with _plain_execution():
-            x, log_q = self.module.log_q(self.latent(w, s), eps, estimator, exact, s)
+            x, log_q = self._call("log_q", self.latent(w, s), eps, estimator, exact, s)
         return self._shape(self._orient(x, reference, None)), log_q
 
     def propose(self, n: int, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
@@ -317,7 +340,7 @@ class PerturbedFlow:
         B, D, P = xf.shape[0], self.dim, self.n_probe_sets(estimator, n_probes)
         g = noise.gaussian(B, D, self._lmf, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
         with _plain_execution():
-            z, u, log_q = self.module.refresh(xf, g, estimator, True, s)
+            z, u, log_q = self._call("refresh", xf, g, estimator, True, s)
         w = z / s + self._complement(noise, B, 0)
         if P > 0 and estimator in ("fp", "fp++"):
             r = noise.chi(B * P, self.d).reshape(B, P, 1)
@@ -340,14 +363,14 @@ class PerturbedFlow:
         noise = _noise.Noise(seed)
         w = noise.gaussian(n, self.dim)
         with _plain_execution():
-            x = self.module.sample(self.latent(w, prior_scale))
+            x = self._call("sample", self.latent(w, prior_scale))
         return self._shape(self._orient(x, None, noise))
 
     @torch.no_grad()
     def inverse(self, x, exact: bool = True) -> torch.Tensor:
         """Latent z = f^-1(x) (B, D); exact inverse of the discrete map by default (NaN where it fails)."""
         with _plain_execution():
-            return self.module.inverse(self._flat(x), exact)
+            return self._call("inverse", self._flat(x), exact)
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str) -> None:

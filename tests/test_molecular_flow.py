@@ -221,3 +221,20 @@ def test_internal_flow_refuses_system_that_is_not_rotation_invariant(ala_md):
     ss = states.SamplerState(x[-1] * unit.nanometer)
     with pytest.raises(ValueError, match="not (rotation|translation) invariant"):
         fp.FlowPerturbationMove(flow, n_proposals=2, seed=0).apply(ts, ss, cache.ContextCache(capacity=1))
+
+
+def test_flow_on_another_device_gives_the_same_numbers(chain, chain_flow, tmp_path):
+    """PerturbedFlow.to(device): CPU tensors in and out, identical results. "cpu:0" takes the
+    general device path (inputs moved to the device, outputs back) that "cuda" uses."""
+    from openmm_flowpert import Noise
+
+    chain_flow.save(tmp_path / "f.pt")
+    moved = fp.PerturbedFlow.load(str(tmp_path / "f.pt")).to("cpu:0")
+    assert moved.device != torch.device("cpu")
+    a = chain_flow.propose(8, Noise(3), estimator="fp++")
+    b = moved.propose(8, Noise(3), estimator="fp++")
+    assert torch.equal(a.x, b.x) and torch.equal(a.log_q, b.log_q)
+    ra, rb = chain_flow.refresh(a.x, Noise(4)), moved.refresh(a.x, Noise(4))
+    assert torch.equal(ra.log_q, rb.log_q) and torch.equal(ra.w, rb.w)
+    assert torch.equal(chain_flow.sample(4, seed=1), moved.sample(4, seed=1))
+    assert torch.equal(chain_flow.inverse(a.x), moved.inverse(a.x))
