@@ -4,7 +4,8 @@
 
 Measures (one process, ``--threads`` OpenMM/torch threads): reduced energy per configuration
 (ReducedPotential, batches of 1 and 64) with the native GBSAOBCForce and with implicit/obc2.xml;
-Langevin MD per step; one flow pass (sample), one fp weight and one fp++ weight per configuration
+Langevin MD per step; one flow pass (sample), one fp weight and one fp++ weight per configuration,
+and the move's refresh of one state (exact inverse),
 for the internal-coordinate flow (d = 492) and the Cartesian flow (d = 495) at the network sizes of
 ``flowpert chignolin --scale full`` (untrained weights: the cost does not depend on them).
 """
@@ -77,6 +78,9 @@ def main(argv=None):
             P = flow.n_probe_sets(est)
             eps = noise.gaussian(B, flow.dim, sets=P)
             row[f"{est}_weight_ms_per_config"] = 1e3 * _best(lambda: flow.evaluate(w, eps, est)) / B
+        # the move's Gibbs refresh of one state (exact inverse of the discrete flow by fixed point)
+        x1 = flow.sample(1, seed=3)
+        row["refresh_fp++_ms_one_state"] = 1e3 * _best(lambda: flow.refresh(x1, Noise(4), estimator="fp++"), 2)
         res[f"flow_{kind}"] = row
         print(kind, row, flush=True)
 
@@ -87,6 +91,7 @@ def main(argv=None):
     smc_evals = full["smc"]["n_walkers"] * full["smc"]["n_steps"] * full["smc"]["sweeps"]
     rex_steps = full["rex"]["iterations"] * full["rex"]["md_steps"] * n_rep
     rex_flow = full["rex"]["iterations"] * full["rex"]["proposals"] * n_rep
+    rex_calls = full["rex"]["iterations"] * n_rep
     fi = res["flow_internal"]
     cpu = {"data_replica_exchange_h": md_steps_data * res["md_ms_per_step_native"] / 3.6e6,
            "smc_h": smc_evals * (fi["fp_weight_ms_per_config"] + res[f"energy_ms_native_per_config_batch{B}"]) / 3.6e6,
@@ -94,7 +99,8 @@ def main(argv=None):
                             + rex_flow * (fi["fp++_weight_ms_per_config"] + res["energy_ms_native_batch1"])) / 3.6e6}
     res["full_protocol_cpu_core_hours"] = cpu
     res["full_protocol_counts"] = {"md_steps_data": md_steps_data, "smc_weight_evaluations": smc_evals,
-                                   "rex_md_steps": rex_steps, "rex_flow_proposals": rex_flow}
+                                   "rex_md_steps": rex_steps, "rex_flow_proposals": rex_flow,
+                                   "rex_move_calls": rex_calls}
     print(json.dumps(res, indent=1))
     if args.out:
         from openmm_flowpert._files import atomic_write

@@ -77,7 +77,32 @@ def add_parser(sub) -> None:
                                                    "cuda; default cpu)")
     p.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast in training (CUDA only)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    g = p.add_argument_group("overrides of the --scale preset")
+    g.add_argument("--re-iterations", type=int, help="replica-exchange iterations of the data stage (more: extends "
+                                                     "an existing run)")
+    g.add_argument("--epochs", type=int, help="training epochs of both flows")
+    g.add_argument("--walkers", type=int, help="SMC walkers")
+    g.add_argument("--smc-steps", type=int, help="SMC steps")
+    g.add_argument("--rex-iterations", type=int, help="iterations of the hybrid replica exchange")
     p.set_defaults(func=run)
+
+
+def _preset(args) -> dict:
+    """The --scale preset with the command line's overrides applied."""
+    import copy
+
+    preset = copy.deepcopy(PRESETS[args.scale])
+    if getattr(args, "re_iterations", None):
+        preset["re_iterations"] = args.re_iterations
+    if getattr(args, "epochs", None):
+        preset["internal"]["epochs"] = preset["cartesian"]["epochs"] = args.epochs
+    if getattr(args, "walkers", None):
+        preset["smc"]["n_walkers"] = args.walkers
+    if getattr(args, "smc_steps", None):
+        preset["smc"]["n_steps"] = args.smc_steps
+    if getattr(args, "rex_iterations", None):
+        preset["rex"]["iterations"] = args.rex_iterations
+    return preset
 
 
 def run(args) -> int:
@@ -85,7 +110,7 @@ def run(args) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)} or all")
-    preset = PRESETS[args.scale]
+    preset = _preset(args)
     os.makedirs(args.out, exist_ok=True)
     for stage in STAGES:
         if stage in stages:
@@ -170,8 +195,12 @@ def _data(args, preset) -> None:
     from ._io import write_json
 
     out = _path(args, "data")
+    csv = os.path.join(out, "energies.csv")
+    done = sum(1 for _ in open(csv)) - 1 if os.path.exists(csv) else 0  # iterations of a finished earlier call
     wall, temps = _replica_exchange(args, out, preset["re_iterations"], preset["re_md_steps"], 0, None)
-    ps = preset["re_iterations"] * preset["re_md_steps"] * 1e-3 * len(temps)
+    ps = max(preset["re_iterations"] - done, 0) * preset["re_md_steps"] * 1e-3 * len(temps)
+    if ps == 0:
+        return
     write_json(os.path.join(out, "timing.json"), {
         "wall_time_s": wall, "simulated_ps_all_replicas": ps, "replicas": len(temps),
         "wall_s_per_ns_all_replicas": wall / ps * 1000.0, "platform": args.platform or "openmmtools default"})
@@ -229,7 +258,8 @@ def _smc(args, preset) -> None:
     flow = fp.PerturbedFlow.load(_path(args, "flows", "internal.pt")).to(args.device)
     rp = ReducedPotential(ms.system, args.temperature, platform=args.platform)
     os.makedirs(_path(args, "smc"), exist_ok=True)
-    smc = fp.FlowPerturbationSMC(flow, rp, estimator="fp", seed=args.seed, checkpoint=_path(args, "smc", "checkpoint.pt"),
+    smc = fp.FlowPerturbationSMC(flow, rp, estimator="fp", seed=args.seed,
+                                 checkpoint=_path(args, "smc", "checkpoint.pt"),
                                  checkpoint_every=max(1, preset["smc"]["n_steps"] // 20), **preset["smc"])
     res = smc.run(progress=True)
     x = res.x.reshape(res.x.shape[0], ms.n_atoms, 3).numpy()
@@ -282,7 +312,8 @@ def _report(args, preset) -> None:
         runs[label] = {k: z[k] for k in ("ca_distance_nm", "folded", "rmsd_nm")}
         weights[label] = z["weights"]
         # resample by weight for the histograms (plots only; estimates use the weights)
-        idx = np.random.default_rng(args.seed).choice(len(z["weights"]), len(z["weights"]), p=z["weights"] / z["weights"].sum())
+        w = z["weights"] / z["weights"].sum()
+        idx = np.random.default_rng(args.seed).choice(len(w), len(w), p=w)
         energies[label] = z["u"][idx]
     if not runs:
         raise ValueError(f"nothing to report under {args.out}: run the data, smc or rex stages first")
