@@ -12,7 +12,7 @@ exchange, training and SMC resume from their checkpoints):
           run against the replica-exchange reference; plots -> report/
 
 ``--scale smoke`` runs everything on a CPU in well under a minute (numbers meaningless, every file
-written); ``--scale cpu`` in about half an hour on one core (real numbers, short runs);
+written); ``--scale cpu`` in about 15 minutes on one core (real numbers, short runs);
 ``--scale full`` is the GPU protocol of examples/chignolin/README.md.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ PRESETS: Dict[str, dict] = {
         "proposals_for_plots": 32,
     },
     "cpu": {
-        # about half an hour on one core: 100 ps per replica, a small flow, 128 SMC walkers
+        # about 15 minutes on one core: 100 ps per replica, a small flow, 128 SMC walkers
         "temperatures": "300:450:4", "re_iterations": 1000, "re_md_steps": 100,
         "internal": dict(hidden=256, n_layers=3, n_steps=12, epochs=60, batch_size=128),
         "cartesian": dict(hidden=256, n_layers=3, n_steps=12, epochs=60, batch_size=128),
