@@ -196,7 +196,10 @@ def _data(args, preset) -> None:
 
     out = _path(args, "data")
     csv = os.path.join(out, "energies.csv")
-    done = sum(1 for _ in open(csv)) - 1 if os.path.exists(csv) else 0  # iterations of a finished earlier call
+    done = 0  # iterations of a finished earlier call (the data stage extends a run when asked for more)
+    if os.path.exists(csv):
+        with open(csv) as fh:
+            done = sum(1 for _ in fh) - 1
     wall, temps = _replica_exchange(args, out, preset["re_iterations"], preset["re_md_steps"], 0, None)
     ps = max(preset["re_iterations"] - done, 0) * preset["re_md_steps"] * 1e-3 * len(temps)
     if ps == 0:
