@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
     p.add_argument("--scale", default="smoke", choices=sorted(PRESETS), help="protocol size (default smoke)")
     p.add_argument("--temperature", type=float, default=300.0, help="target temperature in K (default 300)")
     p.add_argument("--platform", default=None, help="OpenMM platform for energies and MD (e.g. CUDA; default: fastest)")
+    p.add_argument("--smc-energy-platform", default="CPU",
+                   help="OpenMM platform of the SMC energies (default CPU: one worker per core; a GPU context "
+                        "evaluates walkers one at a time, see docs/benchmarks.md section 9)")
     p.add_argument("--device", default="cpu", help="torch device of training and of the SMC flow passes (cpu or "
                                                    "cuda; default cpu)")
     p.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast in training (CUDA only)")
@@ -259,7 +262,7 @@ def _smc(args, preset) -> None:
 
     ms = _system(args)
     flow = fp.PerturbedFlow.load(_path(args, "flows", "internal.pt")).to(args.device)
-    rp = ReducedPotential(ms.system, args.temperature, platform=args.platform)
+    rp = ReducedPotential(ms.system, args.temperature, platform=args.smc_energy_platform)
     os.makedirs(_path(args, "smc"), exist_ok=True)
     smc = fp.FlowPerturbationSMC(flow, rp, estimator="fp", seed=args.seed,
                                  checkpoint=_path(args, "smc", "checkpoint.pt"),
