@@ -122,6 +122,10 @@ def _single(args, ms, temperature, flow) -> int:
 def _replica_exchange(args, ms, temps, flow) -> int:
     import numpy as np
     from openmm import unit
+
+    from ..analysis import _pymbar_timeseries
+
+    _pymbar_timeseries()  # import pymbar without its banner before openmmtools.multistate imports it
     from openmmtools import mcmc, multistate, states
 
     from ..moves import FlowPerturbationMove
