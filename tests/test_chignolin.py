@@ -136,6 +136,8 @@ def test_pipeline_smoke(tmp_path):
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["runs"]) == {"replica exchange (MD)", "hybrid MD + FP replica exchange",
                                    "flow-perturbation SMC"}
+    assert set(report["flows"]) == {"internal", "cartesian"}
+    assert report["flows"]["internal"]["d"] == 492 and report["flows"]["cartesian"]["d"] == 495
     for row in report["runs"].values():
         assert 0.0 <= row["folded_fraction"][0] <= 1.0 and row["folded_fraction"][1] >= 0.0
     internal = fp.PerturbedFlow.load(str(out / "flows" / "internal.pt"))

@@ -287,6 +287,23 @@ def _smc(args, preset) -> None:
           f"{res.n_ancestors} ancestors, folded {folded[0]:.3f} +- {folded[1]:.3f}")
 
 
+def _flow_quality(flow, rp, n: int, seed: int) -> dict:
+    """Independent fp++ proposals of a flow: reduced energies (kT), and how well they would reweight
+    to the target: variance of log W = -u - log q and the importance-sampling ESS fraction."""
+    import torch
+
+    from ..noise import Noise
+
+    prop = flow.propose(n, Noise(seed), estimator="fp++")
+    u = rp(prop.x)
+    log_w = torch.as_tensor(-u) - prop.log_q
+    ok = torch.isfinite(log_w)
+    lw = log_w[ok]
+    ess = float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))) / n if len(lw) else 0.0
+    return {"u": u, "n_proposals": n, "median_u": float(np.median(u)), "finite": int(ok.sum()),
+            "var_log_w": float(lw.var()) if len(lw) > 1 else None, "ess_fraction": ess, "d": flow.d}
+
+
 def _rex(args, preset) -> None:
     r = preset["rex"]
     _replica_exchange(args, _path(args, "rex"), r["iterations"], r["md_steps"], r["proposals"],
@@ -324,11 +341,12 @@ def _report(args, preset) -> None:
     if not runs:
         raise ValueError(f"nothing to report under {args.out}: run the data, smc or rex stages first")
     rp = ReducedPotential(ms.system, args.temperature, platform=args.platform)
+    flows = {}
     for kind in ("internal", "cartesian"):
         f = _path(args, "flows", f"{kind}.pt")
         if os.path.exists(f):
-            energies[f"{kind} flow proposals"] = rp(fp.PerturbedFlow.load(f).sample(preset["proposals_for_plots"],
-                                                                                    seed=args.seed))
+            flows[kind] = _flow_quality(fp.PerturbedFlow.load(f), rp, preset["proposals_for_plots"], args.seed)
+            energies[f"{kind} flow proposals"] = flows[kind].pop("u")
     table = {}
     for label, obs in runs.items():
         if label in weights:
@@ -351,7 +369,7 @@ def _report(args, preset) -> None:
     write_json(os.path.join(out, "report.json"), {
         "observable": {"ca_pair_residues_0based": list(CA_PAIR), "folded_below_nm": FOLDED_BELOW_NM,
                        "rmsd_selection": "name CA", "reference": "system/minimized.pdb"},
-        "temperature_K": args.temperature, "scale": args.scale, "runs": table})
+        "temperature_K": args.temperature, "scale": args.scale, "runs": table, "flows": flows})
     plots.energy_histograms(os.path.join(out, "energies.png"), energies, args.temperature, range_from=list(runs))
     plots.folded_fraction_convergence(os.path.join(out, "folded_fraction.png"),
                                       {k: v["folded"] for k, v in runs.items() if k not in weights},
@@ -368,4 +386,8 @@ def _report(args, preset) -> None:
         z = row.get("vs_reference", {}).get("z")
         print(f"  {label:<34s} folded {m:.3f} +- {se:.3f}   RMSD {row['rmsd_nm'][0]:.3f} nm"
               + (f"   ({z:+.1f} SE from the reference)" if z is not None and label != "replica exchange (MD)" else ""))
+    for kind, q in flows.items():
+        var = "n/a" if q["var_log_w"] is None else f"{q['var_log_w']:.4g}"
+        print(f"  {kind} flow (d = {q['d']}): median u of proposals {q['median_u']:.4g} kT, var log W {var}, "
+              f"importance ESS {100 * q['ess_fraction']:.2f} %")
     print(f"wrote {out}/report.json and plots")
