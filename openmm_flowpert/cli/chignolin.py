@@ -250,8 +250,6 @@ def _observables(x: np.ndarray, topology, crystal: np.ndarray) -> Dict[str, np.n
 
 
 def _smc(args, preset) -> None:
-    import torch
-
     import openmm_flowpert as fp
 
     from .._files import atomic_write
