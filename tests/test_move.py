@@ -75,6 +75,25 @@ def test_serialization_and_deepcopy_share_flow(gmm_system_flow):
     assert math.isclose(again._scale(600.0), math.sqrt(2.0))
 
 
+def test_move_on_another_device_is_identical_and_serializes_it(gmm_system, gmm_system_flow):
+    """device="cpu:0" takes the general device path of PerturbedFlow (what "cuda" uses): the chain
+    must be identical to the default one, and the device survives serialization. The fixture flow
+    is not moved (the move loads its own copy by path)."""
+    ts = states.ThermodynamicState(gmm_system.system, gmm_system.temperature)
+    out = []
+    for device in (None, "cpu:0"):
+        move = FlowPerturbationMove(gmm_system_flow.path, n_proposals=8, seed=4, device=device)
+        ss = states.SamplerState(gmm_system.positions)
+        for _ in range(5):
+            move.apply(ts, ss, cache.ContextCache(capacity=1))
+        out.append((ss.positions.value_in_unit(unit.nanometer), move.statistics, move))
+    assert np.array_equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+    assert out[1][2].flow.device == torch.device("cpu", 0) and out[0][2].flow.device == torch.device("cpu")
+    assert gmm_system_flow.device == torch.device("cpu")
+    again = utils.deserialize(utils.serialize(out[1][2]))
+    assert again.device == "cpu:0" and again.flow is out[1][2].flow
+
+
 def test_missing_or_changed_flow_file_on_deserialization(gmm_system_flow, tmp_path):
     path = tmp_path / "f.pt"
     fp.PerturbedFlow(gmm_system_flow.module, gmm_system_flow.metadata).save(path)  # a copy: fixture untouched

@@ -76,8 +76,8 @@ def add_parser(sub) -> None:
     p.add_argument("--smc-energy-platform", default="CPU",
                    help="OpenMM platform of the SMC energies (default CPU: one worker per core; a GPU context "
                         "evaluates walkers one at a time, see docs/benchmarks.md section 9)")
-    p.add_argument("--device", default="cpu", help="torch device of training and of the SMC flow passes (cpu or "
-                                                   "cuda; default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device of training and of the flow in SMC and in the "
+                                                   "hybrid moves (cpu or cuda; default cpu)")
     p.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast in training (CUDA only)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     g = p.add_argument_group("overrides of the --scale preset")
@@ -172,7 +172,8 @@ def _set_openmmtools_platform(args) -> None:
 def _sample_args(args, out, temperatures, iterations, md_steps, proposals, flow):
     return argparse.Namespace(system="cln025", forcefield=None, flow=flow, out=out, temperatures=temperatures,
                               iterations=iterations, minutes=None, md_steps=md_steps, proposals=proposals,
-                              estimator="fp++", plain_md=flow is None, seed=args.seed)
+                              estimator="fp++", plain_md=flow is None, seed=args.seed,
+                              device=None if args.device == "cpu" else args.device)
 
 
 def _replica_exchange(args, out, iterations, md_steps, proposals, flow):

@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--proposals", type=int, default=16, help="flow proposals per iteration")
     p.add_argument("--estimator", default="fp++", choices=["fp++", "fp", "jacobian"])
     p.add_argument("--plain-md", action="store_true", help="no flow moves: plain MD with the same loop")
+    p.add_argument("--device", default=None, help="torch device of the flow in the moves (e.g. cuda; default: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -111,7 +112,8 @@ def _single(args, ms, temperature, flow) -> int:
     res = run_hybrid(ms.system, ms.positions, temperature, flow, n_iterations=args.iterations,
                      seconds=None if args.minutes is None else 60.0 * args.minutes, md_steps=args.md_steps,
                      n_proposals=args.proposals, estimator=args.estimator, seed=args.seed,
-                     checkpoint=os.path.join(args.out, "checkpoint.npz"), checkpoint_every=25, progress=True)
+                     checkpoint=os.path.join(args.out, "checkpoint.npz"), checkpoint_every=25, progress=True,
+                     device=getattr(args, "device", None))
     s = _summary_and_plots(args, ms, temperature, res.positions, res.reduced_energies, res.accepted, res.proposed,
                            {"wall_time_s": float(res.wall_times[-1]) if len(res) else 0.0,
                             "md_steps_per_iteration": args.md_steps})
@@ -144,7 +146,8 @@ def _replica_exchange(args, ms, temps, flow) -> int:
                                             reassign_velocities=False)]
         if flow is not None:
             moves.append(FlowPerturbationMove(flow, n_proposals=args.proposals, estimator=args.estimator,
-                                              prior_scale="sqrt(T/T0)", seed=args.seed, reassign_velocities=False))
+                                              prior_scale="sqrt(T/T0)", seed=args.seed, reassign_velocities=False,
+                                              device=getattr(args, "device", None)))
         thermo = [states.ThermodynamicState(ms.system, t * unit.kelvin) for t in temps]
         start = [states.SamplerState(ms.positions * unit.nanometer) for _ in temps]
         sampler = multistate.ReplicaExchangeSampler(mcmc_moves=mcmc.SequenceMove(moves),

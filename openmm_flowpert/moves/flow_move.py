@@ -30,8 +30,8 @@ __all__ = ["FlowPerturbationMove", "load_flow_cached"]
 _FLOW_CACHE: Dict[tuple, PerturbedFlow] = {}
 
 
-def load_flow_cached(path: str, checksum: Optional[str] = None) -> PerturbedFlow:
-    """Load a flow file once per process (keyed by absolute path and SHA-256).
+def load_flow_cached(path: str, checksum: Optional[str] = None, device: Optional[str] = None) -> PerturbedFlow:
+    """Load a flow file once per process (keyed by absolute path, SHA-256 and torch device).
 
     Raises :class:`~openmm_flowpert.FlowFileError` if the file is missing, unreadable, or its
     checksum differs from ``checksum`` (the file changed since the move was created or saved).
@@ -44,9 +44,10 @@ def load_flow_cached(path: str, checksum: Optional[str] = None) -> PerturbedFlow
     if checksum is not None and actual != checksum:
         raise FlowFileError(f"flow file {path!r} has changed since the move was created (SHA-256 "
                             f"{actual[:12]}... instead of {checksum[:12]}...); restore the original file")
-    key = (path, actual)
+    key = (path, actual) if device is None else (path, actual, str(device))
     if key not in _FLOW_CACHE:
-        _FLOW_CACHE[key] = PerturbedFlow.load(path)
+        flow = PerturbedFlow.load(path)
+        _FLOW_CACHE[key] = flow if device is None else flow.to(device)
     return _FLOW_CACHE[key]
 
 
@@ -102,6 +103,10 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         Worker threads (one private Context each) for the energy batch.
     seed : int, optional
         Seed of all noise (default: drawn from the OS). Each MPI rank uses its own stream.
+    device : str, optional
+        Torch device of the flow's integration, exact inverse and estimators (e.g. ``"cuda"``;
+        default: the CPU). Noise is still drawn on the CPU, so results do not depend on it beyond
+        floating-point summation order. A flow object given as ``flow`` is moved there.
     reassign_velocities : bool, default True
         After an accepted proposal, velocities are redrawn from Maxwell-Boltzmann at the state's
         temperature; this keeps the joint (positions, velocities) distribution exact. Velocities
@@ -128,15 +133,19 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                  proposal: str = "independent", k: int = 2, k_eps: int = 2, exact_inverse: Optional[bool] = None,
                  prior_scale: Union[None, float, str, Callable[[float], float]] = None,
                  platform: Optional[str] = None, n_workers: Optional[int] = None, seed: Optional[int] = None,
-                 reassign_velocities: bool = True):
+                 reassign_velocities: bool = True, device: Optional[str] = None):
+        self.device = None if device is None else str(device)
         if isinstance(flow, PerturbedFlow):
+            if self.device is not None:
+                flow.to(self.device)
             self.flow_path = flow.path if flow.path and os.path.isfile(flow.path) else None
             self.flow_checksum = file_checksum(flow.path) if self.flow_path else None
             self._flow = flow
             if flow.path:  # later deserializations in this process share this object
-                _FLOW_CACHE.setdefault((os.path.abspath(flow.path), self.flow_checksum), flow)
+                key = (os.path.abspath(flow.path), self.flow_checksum)
+                _FLOW_CACHE.setdefault(key if self.device is None else key + (self.device,), flow)
         else:
-            self._flow = load_flow_cached(flow)
+            self._flow = load_flow_cached(flow, device=self.device)
             self.flow_path = self._flow.path
             self.flow_checksum = file_checksum(self.flow_path)
         if proposal not in ("independent", "latent"):
@@ -348,11 +357,12 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                 "prior_scale": None if self.prior_scale is None else
                 (self.prior_scale if isinstance(self.prior_scale, str) else float(self.prior_scale)),
                 "platform": self.platform, "n_workers": self.n_workers, "seed": int(self.seed),
-                "reassign_velocities": self.reassign_velocities, "calls": int(self._calls),
+                "reassign_velocities": self.reassign_velocities, "device": self.device, "calls": int(self._calls),
                 "statistics": self.statistics}
 
     def __setstate__(self, state: dict) -> None:
-        self._flow = load_flow_cached(state["flow_path"], state.get("flow_checksum"))
+        self.device = state.get("device")
+        self._flow = load_flow_cached(state["flow_path"], state.get("flow_checksum"), self.device)
         self.flow_path = state["flow_path"]
         self.flow_checksum = state.get("flow_checksum")
         for name in ("n_proposals", "estimator", "proposal", "k", "k_eps", "exact_inverse", "prior_scale",

@@ -57,7 +57,7 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
                seconds: Optional[float] = None, md_steps: int = 500, n_proposals: int = 16,
                estimator: str = "fp++", timestep_fs: float = 1.0, friction: float = 1.0, seed: int = 0,
                checkpoint: Optional[str] = None, checkpoint_every: int = 50, platform: Optional[str] = None,
-               progress: bool = True, desc: Optional[str] = None,
+               progress: bool = True, desc: Optional[str] = None, device: Optional[str] = None,
                callback: Optional[Callable[[int, np.ndarray], None]] = None) -> HybridResult:
     """Run hybrid MD + flow-perturbation MC (or plain MD if ``flow`` is None) in openmmtools.
 
@@ -75,7 +75,8 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
         Stop after this many iterations and/or this much wall time (at least one must be given).
     md_steps : int
         Langevin steps (``timestep_fs`` fs, ``friction`` 1/ps) per iteration.
-    n_proposals, estimator : flow move settings (see :class:`~openmm_flowpert.FlowPerturbationMove`).
+    n_proposals, estimator, device : flow move settings (see :class:`~openmm_flowpert.FlowPerturbationMove`;
+        ``device`` is the torch device of the flow, e.g. ``"cuda"``).
     seed : int
         Seeds the Langevin integrator and the flow move's noise.
     checkpoint : str, optional
@@ -104,7 +105,7 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     fpm = None
     if flow is not None:
         fpm = FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, seed=seed,
-                                   platform=platform, reassign_velocities=False)
+                                   platform=platform, reassign_velocities=False, device=device)
     # the energy layer's choice (Reference below SMALL_SYSTEM_ATOMS atoms, GPU platforms first)
     plat = openmm.Platform.getPlatformByName(platform_candidates(system.getNumParticles(), platform)[0])
     cc = cache.ContextCache(capacity=2, platform=plat)
