@@ -13,19 +13,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import timings  # noqa: E402
+
 
 def _best(fn, repeats=3):
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out)
+    return min(timings(fn, repeats))
 
 
 def main(argv=None):

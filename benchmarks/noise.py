@@ -18,18 +18,11 @@ import time
 import torch
 
 from openmm_flowpert.noise import _fallback, _native
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import cpu_name, timings  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(timings(fn, reps, warmup=2))
 
 
 

@@ -81,14 +81,14 @@ def ca_distances(positions: np.ndarray, topology, pairs) -> np.ndarray:
 
     ``pairs``: (i, j) residue indices (0-based, in topology order), one pair or a list of pairs.
     """
+    import mdtraj as md
+
     traj = _mdtraj(positions, topology)
     pairs = np.atleast_2d(np.asarray(pairs, dtype=int))
     ca = {a.residue.index: a.index for a in traj.topology.atoms if a.name == "CA"}
     missing = [int(r) for r in pairs.ravel() if int(r) not in ca]
     if missing:
         raise ValueError(f"residues {missing} have no C-alpha atom (residue indices are 0-based)")
-    import mdtraj as md
-
     return md.compute_distances(traj, [[ca[int(i)], ca[int(j)]] for i, j in pairs]).astype(np.float64)
 
 

@@ -138,27 +138,32 @@ def _system(args, preset=None):
     from ..systems import MolecularSystem, cln025
     from ._io import read_trajectory, write_json, write_trajectory
 
+    cached = getattr(args, "_cln025", None)  # built once per command, shared by the stages
+    if cached is not None:
+        return cached
     ms = cln025("implicit")
     pdb = _path(args, "system", "minimized.pdb")
-    if os.path.exists(pdb):
-        x, _ = read_trajectory(pdb)
-        return MolecularSystem(ms.name, ms.system, ms.topology, x[0].astype(np.float64))
-    ctx = openmm.Context(ms.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
-    ctx.setPositions(ms.positions * unit.nanometer)
-    e0 = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 2000)
-    st = ctx.getState(getEnergy=True, getPositions=True)
-    x = st.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    e1 = st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-    write_trajectory(_path(args, "system", "minimized.dcd"), x[None], ms.topology)
-    write_json(_path(args, "system", "system.json"), {
-        "name": ms.name, "n_atoms": ms.n_atoms, "n_constraints": ms.system.getNumConstraints(),
-        "forces": [type(f).__name__ for f in ms.system.getForces()],
-        "energy_crystal_kJ_per_mol": e0, "energy_minimized_kJ_per_mol": e1,
-        "ca_pair_residues": list(CA_PAIR), "folded_below_nm": FOLDED_BELOW_NM})
-    print(f"CLN025: {ms.n_atoms} atoms, {ms.system.getNumConstraints()} constraints; "
-          f"energy {e0:.1f} -> {e1:.1f} kJ/mol after minimization")
-    return MolecularSystem(ms.name, ms.system, ms.topology, np.asarray(x, dtype=np.float64))
+    if not os.path.exists(pdb):
+        ctx = openmm.Context(ms.system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+        ctx.setPositions(ms.positions * unit.nanometer)
+        e0 = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 2000)
+        st = ctx.getState(getEnergy=True, getPositions=True)
+        x = st.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        e1 = st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        write_trajectory(_path(args, "system", "minimized.dcd"), x[None], ms.topology)
+        write_json(_path(args, "system", "system.json"), {
+            "name": ms.name, "n_atoms": ms.n_atoms, "n_constraints": ms.system.getNumConstraints(),
+            "forces": [type(f).__name__ for f in ms.system.getForces()],
+            "energy_crystal_kJ_per_mol": e0, "energy_minimized_kJ_per_mol": e1,
+            "ca_pair_residues": list(CA_PAIR), "folded_below_nm": FOLDED_BELOW_NM})
+        print(f"CLN025: {ms.n_atoms} atoms, {ms.system.getNumConstraints()} constraints; "
+              f"energy {e0:.1f} -> {e1:.1f} kJ/mol after minimization")
+    # every stage starts from the structure as written (so one call and stage-by-stage calls agree)
+    x, _ = read_trajectory(pdb)
+    args._cln025 = MolecularSystem(ms.name, ms.system, ms.topology, x[0].astype(np.float64))
+    return args._cln025
 
 
 def _set_openmmtools_platform(args) -> None:
@@ -181,11 +186,11 @@ def _replica_exchange(args, out, iterations, md_steps, proposals, flow):
     from .simulate import parse_temperatures
 
     ms = _system(args)
-    temps = parse_temperatures(_temperatures(args))
+    spec = _temperatures(args)
+    temps = parse_temperatures(spec)
     _set_openmmtools_platform(args)
     t0 = time.time()
-    rex(_sample_args(args, out, _temperatures(args), iterations, md_steps, proposals, flow), ms, temps,
-        flow)
+    rex(_sample_args(args, out, spec, iterations, md_steps, proposals, flow), ms, temps, flow)
     return time.time() - t0, temps
 
 
