@@ -1,6 +1,8 @@
 # Quick start:  make demo   (main job on a built-in default)
 #               make test   (test suite)
 # Each target creates .venv, installs the pinned set and builds the native library when missing.
+# The install needs about 8 GiB (torch's CUDA wheels); --no-cache-dir keeps a second copy of the
+# downloads out of ~/.cache so the peak stays near that.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -12,8 +14,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 $(STAMP): requirements.txt constraints.txt setup.py $(wildcard CMakeLists.txt cmake/*.cmake csrc/*.h csrc/*.cpp csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-cache-dir -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
