@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/noise.py
 	$(PY) benchmarks/energies.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/move.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/inverse.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

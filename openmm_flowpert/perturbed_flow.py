@@ -16,7 +16,8 @@ import torch
 from . import noise as _noise
 from ._files import atomic_write
 from .estimators import ESTIMATORS, PerturbedFlowModule
-from .flow import CNF, Affine, NormalizedInternal, frame_rotation, haar_rotations
+from .flow import (CNF, Affine, InternalCoordinates, NormalizedInternal, VelocityMLP, frame_rotation,
+                   haar_rotations)
 
 __all__ = ["PerturbedFlow", "Proposal", "FlowFileError", "file_checksum"]
 
@@ -169,6 +170,7 @@ class PerturbedFlow:
             "prior_scale": float(prior_scale), "integrator": scheme, "n_steps": cnf.n_steps,
             "times": [float(t) for t in times], "temperature": temperature,
             "coordinates": "internal" if internal else "cartesian",
+            "inverse_memory": cnf.inverse_memory,
         }
         if internal:
             ic = transform.ic
@@ -177,6 +179,41 @@ class PerturbedFlow:
             meta["zmatrix"] = ic.zmatrix.tolist()
         meta.update(extra or {})
         return cls(module, meta)
+
+    def rescripted(self) -> "PerturbedFlow":
+        """The same flow (weights, transform, time grid, metadata) compiled with this version's code.
+
+        A flow file carries the TorchScript code it was saved with, so improvements to the
+        integrator, its inverse or the estimators reach old files only through this call (then
+        :meth:`save`). Works for flows made by :func:`~openmm_flowpert.train_flow` (a
+        :class:`~openmm_flowpert.flow.VelocityMLP` velocity); the forward map is unchanged bit for bit.
+        """
+        m = self.metadata
+        sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        vel_sd = {k[len("cnf.velocity."):]: v for k, v in sd.items() if k.startswith("cnf.velocity.")}
+        try:
+            hidden, dim = vel_sd["inp.weight"].shape
+            n_hidden = len([k for k in vel_sd if k.startswith("hidden.") and k.endswith(".weight")])
+            velocity = VelocityMLP(int(dim), hidden=int(hidden), n_layers=n_hidden + 1,
+                                   n_freq=int(vel_sd["freqs"].numel()))
+            velocity.load_state_dict(vel_sd)
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError("this flow's velocity field is not a VelocityMLP, so it cannot be re-compiled "
+                             "from its file; build it again from its Python module with "
+                             f"PerturbedFlow.build ({exc})") from None
+        if m.get("coordinates") == "internal":
+            ic = InternalCoordinates(sd["transform.ic.zmatrix"], int(m["n_atoms"]))
+            transform = NormalizedInternal(ic, sd["transform.mean"], sd["transform.std"], sd["transform.cut"])
+        else:
+            transform = Affine(sd["transform.shift"], sd["transform.scale"], n_particles=int(m["latent_particles"]))
+        transform.load_state_dict({k[len("transform."):]: v for k, v in sd.items() if k.startswith("transform.")})
+        new = PerturbedFlow.build(velocity, torch.tensor(m["times"], dtype=torch.float64), transform,
+                                  n_particles=int(m["latent_particles"]), scheme=m["integrator"],
+                                  prior_scale=float(m["prior_scale"]), temperature=m.get("temperature"),
+                                  n_atoms=int(m["n_atoms"]))
+        meta = dict(m)
+        meta["inverse_memory"] = new.metadata["inverse_memory"]
+        return PerturbedFlow(new.module, meta).to(self.device)
 
     # -- properties --------------------------------------------------------------------------------
     @property

@@ -4,10 +4,14 @@ The flow map is the *discrete* map f = Phi_K o ... o Phi_1 with x_0 = z (prior e
 x_k = Phi_k(x_{k-1}) = x_{k-1} + h_k Psi_k(x_{k-1}) (data end, t = 1). Everything -- estimators,
 refreshes, inverses -- refers to this discrete map, not to the ODE it approximates.
 
-Inverse of one step (ALGORITHM.md section 6): the fixed point y = x - h Psi(y), iterated from the
-fast approximation "one step of the same scheme backwards in time" until it stops changing; exact
-to round-off when h Lip(Psi) < 1. Rows that do not converge are returned as NaN, which the samplers
-treat as rejected proposals.
+Inverse of one step (ALGORITHM.md section 6): the fixed point y = x - h Psi(y), solved from the
+fast approximation "one step of the same scheme backwards in time" by Anderson-accelerated
+fixed-point iteration until the residual |y + h Psi(y) - x| is at round-off. Plain iteration
+converges only when h Lip(Psi) < 1 and slowly near that limit; Anderson mixing of the last few
+iterates converges in about half the evaluations on trained molecular flows and also where the
+plain iteration diverges. Either way the answer is checked by its residual: rows that do not reach
+it are returned as NaN, which the samplers treat as rejected proposals. (The inverse is unique
+wherever the discrete map is injective, which every density estimate of the flow assumes.)
 """
 from __future__ import annotations
 
@@ -53,10 +57,13 @@ class CNF(nn.Module):
         Convergence threshold of the fixed-point inverse (max-norm, relative to 1 + |x|).
     inverse_max_iter : int
         Iteration cap; rows not converged by then come back as NaN.
+    inverse_memory : int
+        Anderson-acceleration depth of the inverse (previous iterates mixed); 0 is plain
+        fixed-point iteration.
     """
 
     def __init__(self, velocity: nn.Module, times: torch.Tensor, n_particles: int = 0, scheme: str = "rk4",
-                 inverse_tol: float = 1e-13, inverse_max_iter: int = 100):
+                 inverse_tol: float = 1e-13, inverse_max_iter: int = 100, inverse_memory: int = 5):
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {SCHEMES}")
@@ -75,6 +82,9 @@ class CNF(nn.Module):
         self.t: List[float] = [float(v) for v in times]
         self.inverse_tol = float(inverse_tol)
         self.inverse_max_iter = int(inverse_max_iter)
+        if inverse_memory < 0:
+            raise ValueError(f"inverse_memory must be >= 0, got {inverse_memory}")
+        self.inverse_memory = int(inverse_memory)
 
     # -- velocity and one explicit step ------------------------------------------------------------
     def project(self, v: torch.Tensor) -> torch.Tensor:
@@ -117,9 +127,10 @@ class CNF(nn.Module):
     @torch.jit.export
     def inverse_step(self, k: int, x: torch.Tensor, exact: bool = True,
                      guess: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Phi_k^{-1}(x). ``exact=True``: fixed-point iteration y <- x - h Psi(y) from ``guess``
-        (default: :meth:`reverse_step`) to round-off; rows that do not converge become NaN.
-        ``exact=False``: :meth:`reverse_step` alone."""
+        """Phi_k^{-1}(x). ``exact=True``: solve y = g(y) := x - h Psi(y) from ``guess`` (default:
+        :meth:`reverse_step`) by Anderson-accelerated iteration (depth ``inverse_memory``) until the
+        residual max|g(y) - y| / (1 + max|x|) <= ``inverse_tol``; returns g(y) of the last iterate.
+        Rows that do not converge become NaN. ``exact=False``: :meth:`reverse_step` alone."""
         if guess is None:
             y = self.reverse_step(k, x)
         else:
@@ -129,12 +140,38 @@ class CNF(nn.Module):
         h = self.t[k + 1] - self.t[k]
         scale = 1.0 + x.abs().amax(dim=1)
         err = torch.full_like(scale, float("inf"))
-        for _ in range(self.inverse_max_iter):
-            y_new = x - h * self.increment(self.t[k], h, y)
-            err = (y_new - y).abs().amax(dim=1) / scale
-            y = y_new
-            if bool((err <= self.inverse_tol).all()):
+        B, D, m = x.shape[0], x.shape[1], self.inverse_memory
+        dF = torch.zeros(B, m, D, dtype=x.dtype, device=x.device)  # residual differences, ring buffer
+        dG = torch.zeros(B, m, D, dtype=x.dtype, device=x.device)  # image differences
+        f_prev = torch.zeros_like(x)
+        g_prev = torch.zeros_like(x)
+        for it in range(self.inverse_max_iter):
+            g = x - h * self.increment(self.t[k], h, y)
+            f = g - y
+            err = f.abs().amax(dim=1) / scale
+            done = err <= self.inverse_tol
+            if bool(done.all()):
+                y = g
                 break
+            n = min(it, m)
+            if n == 0:
+                y_next = g
+            else:
+                slot = (it - 1) % m
+                dF[:, slot] = f - f_prev
+                dG[:, slot] = g - g_prev
+                F = dF[:, :n]
+                A = F @ F.transpose(1, 2)
+                ridge = 1e-12 * A.diagonal(dim1=1, dim2=2).sum(1) + 1e-300
+                A = A + ridge.view(B, 1, 1) * torch.eye(n, dtype=x.dtype, device=x.device)
+                gamma, info = torch.linalg.solve_ex(A, F @ f.unsqueeze(2))
+                ok = (info == 0) & torch.isfinite(gamma).all(dim=1).squeeze(1)
+                y_next = g - (dG[:, :n].transpose(1, 2) @ gamma).squeeze(2)
+                y_next = torch.where(ok.unsqueeze(1), y_next, g)
+            if m > 0:
+                f_prev = f
+                g_prev = g
+            y = torch.where(done.unsqueeze(1), g, y_next)   # converged rows stay put
         bad = ~(err <= 1e3 * self.inverse_tol)
         if bool(bad.any()):
             y = torch.where(bad.unsqueeze(1), torch.full_like(y, float("nan")), y)
