@@ -18,16 +18,23 @@ PHI_BASIN = (0.0, 2.5)
 
 
 def backbone_dihedrals(positions: np.ndarray, topology) -> Tuple[np.ndarray, np.ndarray]:
-    """phi and psi (n_frames, n_residues_with_both) in rad, via mdtraj, for positions (n, N, 3) nm."""
+    """phi and psi in rad, (n_frames, n_residues) each, column j of both from the same residue.
+
+    Only residues that have both angles count (capped dipeptides: the one residue; an uncapped
+    peptide: all but its two ends). Positions (n, N, 3) in nm; computed by mdtraj.
+    """
     import mdtraj as md
 
-    top = topology if isinstance(topology, md.Topology) else md.Topology.from_openmm(topology)
-    traj = md.Trajectory(np.asarray(positions, dtype=np.float32).reshape(-1, top.n_atoms, 3), top)
-    _, phi = md.compute_phi(traj)
-    _, psi = md.compute_psi(traj)
-    if phi.shape[1] == 0 or psi.shape[1] == 0:
-        raise ValueError("the topology has no backbone phi/psi dihedrals (not a peptide?)")
-    return phi, psi
+    traj = _mdtraj(positions, topology)
+    phi_idx, phi = md.compute_phi(traj)
+    psi_idx, psi = md.compute_psi(traj)
+    # phi_i = (C_{i-1}, N_i, CA_i, C_i) and psi_i = (N_i, CA_i, C_i, N_{i+1}): pair them by N_i
+    col = {int(n): j for j, n in enumerate(psi_idx[:, 0])}
+    pairs = [(i, col[int(n)]) for i, n in enumerate(phi_idx[:, 1]) if int(n) in col]
+    if not pairs:
+        raise ValueError("the topology has no residue with both backbone phi and psi (not a peptide?)")
+    a, b = (list(c) for c in zip(*pairs))
+    return phi[:, a], psi[:, b]
 
 
 def _pymbar_timeseries():

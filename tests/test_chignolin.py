@@ -149,3 +149,36 @@ def test_pipeline_smoke(tmp_path):
     mtime = os.path.getmtime(out / "flows" / "internal.pt")
     assert main(["chignolin", "train", "--out", str(out)]) == 0
     assert os.path.getmtime(out / "flows" / "internal.pt") == mtime
+
+
+def test_backbone_dihedrals_pair_phi_and_psi_of_the_same_residue(cln):
+    """An uncapped peptide has phi from residue 2 and psi up to residue N-1: column j of both must
+    be the same residue (checked against dihedrals of explicitly chosen atoms)."""
+    import mdtraj as md
+
+    from openmm_flowpert.analysis import backbone_dihedrals
+
+    phi, psi = backbone_dihedrals(cln.positions[None], cln.topology)
+    assert phi.shape == psi.shape == (1, 8)  # residues 2..9 of 10 have both
+    top = md.Topology.from_openmm(cln.topology)
+    t = md.Trajectory(cln.positions[None].astype(np.float32), top)
+    for j, res in enumerate(range(1, 9)):
+        atom = {(a.residue.index, a.name): a.index for a in top.atoms}
+        quad_phi = [atom[(res - 1, "C")], atom[(res, "N")], atom[(res, "CA")], atom[(res, "C")]]
+        quad_psi = [atom[(res, "N")], atom[(res, "CA")], atom[(res, "C")], atom[(res + 1, "N")]]
+        ref = md.compute_dihedrals(t, [quad_phi, quad_psi])[0]
+        assert abs(phi[0, j] - ref[0]) < 1e-5 and abs(psi[0, j] - ref[1]) < 1e-5
+
+
+def test_cli_errors_are_one_line_and_mpi_runs_only_replica_exchange(tmp_path, capsys, monkeypatch):
+    from openmm_flowpert.cli import chignolin, main
+
+    assert main(["chignolin", "bogus", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+
+    class TwoRanks:
+        size, rank = 2, 0
+
+    monkeypatch.setattr(chignolin, "_mpi_comm", lambda: TwoRanks())
+    assert main(["chignolin", "train", "--out", str(tmp_path / "x")]) == 2
+    assert "under mpiexec run only the replica-exchange stages (data rex)" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -24,13 +25,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``flowpert`` console script."""
+    """Entry point of the ``flowpert`` console script.
+
+    Bad input (a ``ValueError`` such as a refused system or a corrupt flow file, or a missing file)
+    prints ``flowpert COMMAND: error: ...`` and returns 2, like a usage error; set
+    ``FLOWPERT_TRACEBACK=1`` to get the traceback instead.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("FLOWPERT_TRACEBACK"):
+            raise
+        print(f"flowpert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,7 @@ from typing import Dict
 import numpy as np
 
 STAGES = ("system", "data", "train", "smc", "rex", "report")
+MPI_STAGES = ("data", "rex")   # the stages that may run under mpiexec (openmmtools replica exchange)
 
 #: Folded/unfolded observable: C-alpha distance of Tyr1 and Trp9 (0-based residues 0 and 8) in nm.
 #: The best-separating C-alpha pair (Fisher ratio 8.6) between 100 ps of 300 K MD from the crystal
@@ -113,18 +114,32 @@ def run(args) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)} or all")
+    comm = _mpi_comm()
+    if comm is not None and comm.size > 1 and any(s not in MPI_STAGES for s in stages):
+        raise ValueError(f"under mpiexec run only the replica-exchange stages ({' '.join(MPI_STAGES)}), which "
+                         "openmmtools spreads over the ranks; run the other stages without mpiexec")
+    root = comm is None or comm.rank == 0
     preset = _preset(args)
     os.makedirs(args.out, exist_ok=True)
     for stage in STAGES:
         if stage in stages:
             t0 = time.time()
-            print(f"== {stage} ==", flush=True)
+            if root:
+                print(f"== {stage} ==", flush=True)
             globals()[f"_{stage}"](args, preset)
-            print(f"== {stage} done in {time.time() - t0:.0f} s", flush=True)
+            if root:
+                print(f"== {stage} done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+def _mpi_comm():
+    """The MPI communicator when running under mpiexec (None otherwise; mpi4py is imported only then)."""
+    import mpiplus
+
+    return mpiplus.get_mpicomm()
+
+
 def _path(args, *parts) -> str:
     return os.path.join(args.out, *parts)
 
@@ -211,7 +226,8 @@ def _data(args, preset) -> None:
             done = sum(1 for _ in fh) - 1
     wall, temps = _replica_exchange(args, out, preset["re_iterations"], preset["re_md_steps"], 0, None)
     ps = max(preset["re_iterations"] - done, 0) * preset["re_md_steps"] * 1e-3 * len(temps)
-    if ps == 0:
+    comm = _mpi_comm()
+    if ps == 0 or (comm is not None and comm.rank != 0):   # rank 0 writes the outputs
         return
     write_json(os.path.join(out, "timing.json"), {
         "wall_time_s": wall, "simulated_ps_all_replicas": ps, "replicas": len(temps),

@@ -100,8 +100,13 @@ def _summary_and_plots(args, ms, temperature, positions, energies, accepted, pro
     except ValueError:
         phi = None
     if phi is not None:
-        summary["populations"] = {k: {"mean": v[0], "se": v[1], "g": v[2]} for k, v in phi_populations(phi).items()}
-        plots.ramachandran(os.path.join(args.out, "ramachandran.png"), {"this run": (phi[:, 0], psi[:, 0])})
+        if phi.shape[1] == 1:  # a dipeptide: the populations of its one phi (the demo's observable)
+            summary["populations"] = {k: {"mean": v[0], "se": v[1], "g": v[2]}
+                                      for k, v in phi_populations(phi).items()}
+            label = "this run"
+        else:
+            label = f"this run ({phi.shape[1]} residues pooled)"
+        plots.ramachandran(os.path.join(args.out, "ramachandran.png"), {label: (phi.ravel(), psi.ravel())})
     write_json(os.path.join(args.out, "summary.json"), summary)
     return summary
 
@@ -128,6 +133,7 @@ def _replica_exchange(args, ms, temps, flow) -> int:
     from ..analysis import _pymbar_timeseries
 
     _pymbar_timeseries()  # import pymbar without its banner before openmmtools.multistate imports it
+    import mpiplus
     from openmmtools import mcmc, multistate, states
 
     from ..moves import FlowPerturbationMove
@@ -156,7 +162,10 @@ def _replica_exchange(args, ms, temps, flow) -> int:
         sampler.create(thermodynamic_states=thermo, sampler_states=start, storage=reporter)
     from tqdm.auto import tqdm
 
-    with tqdm(total=args.iterations, initial=sampler.iteration, desc="replica exchange", unit="it") as bar:
+    comm = mpiplus.get_mpicomm()   # under mpiexec openmmtools spreads the replicas over the ranks
+    root = comm is None or comm.rank == 0
+    with tqdm(total=args.iterations, initial=sampler.iteration, desc="replica exchange", unit="it",
+              disable=not root) as bar:
         while sampler.iteration < args.iterations:
             seed_replica_exchange(args.seed, sampler.iteration)  # resumed runs swap like uninterrupted ones
             sampler.extend(1)
@@ -169,7 +178,10 @@ def _replica_exchange(args, ms, temps, flow) -> int:
     move = sampler.mcmc_moves[0]
     if isinstance(move, mcmc.SequenceMove) and len(move.move_list) > 1:
         stats = move.move_list[1].statistics
+    # (openmmtools syncs the moves' statistics to every rank after each propagation)
     reporter.close()
+    if not root:
+        return 0   # rank 0 holds the storage and writes the outputs
     rep = multistate.MultiStateReporter(storage, open_mode="r")
     replica_states = rep.read_replica_thermodynamic_states()
     energies_all = rep.read_energies()[0]  # (n_iter + 1, n_replicas, n_states) reduced
