@@ -149,7 +149,7 @@ class CNF(nn.Module):
             g = x - h * self.increment(self.t[k], h, y)
             f = g - y
             err = f.abs().amax(dim=1) / scale
-            done = err <= self.inverse_tol
+            done = (err <= self.inverse_tol) | ~torch.isfinite(err)   # non-finite rows end as NaN below
             if bool(done.all()):
                 y = g
                 break
