@@ -52,6 +52,21 @@ def file_checksum(path: str) -> str:
     return h.hexdigest()
 
 
+def compiled_code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the source that :meth:`PerturbedFlow.build` compiles into a flow
+    file (the flow and estimator modules); stored in the metadata as ``"code"``."""
+    from . import estimators, flow
+
+    h = hashlib.sha256()
+    for pkg in (flow, estimators):
+        folder = os.path.dirname(pkg.__file__)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as fh:
+                    h.update(name.encode() + b"\0" + fh.read())
+    return h.hexdigest()[:16]
+
+
 def check_probes(probes: str) -> None:
     """Only Gaussian probes give uniform directions; anything else biases W (ALGORITHM.md section 2)."""
     if probes != "gaussian":
@@ -170,7 +185,7 @@ class PerturbedFlow:
             "prior_scale": float(prior_scale), "integrator": scheme, "n_steps": cnf.n_steps,
             "times": [float(t) for t in times], "temperature": temperature,
             "coordinates": "internal" if internal else "cartesian",
-            "inverse_memory": cnf.inverse_memory,
+            "inverse_memory": cnf.inverse_memory, "code": compiled_code_fingerprint(),
         }
         if internal:
             ic = transform.ic
@@ -212,7 +227,7 @@ class PerturbedFlow:
                                   prior_scale=float(m["prior_scale"]), temperature=m.get("temperature"),
                                   n_atoms=int(m["n_atoms"]))
         meta = dict(m)
-        meta["inverse_memory"] = new.metadata["inverse_memory"]
+        meta["inverse_memory"], meta["code"] = new.metadata["inverse_memory"], new.metadata["code"]
         return PerturbedFlow(new.module, meta).to(self.device)
 
     # -- properties --------------------------------------------------------------------------------

@@ -273,3 +273,14 @@ def test_rescripted_refuses_a_velocity_it_cannot_rebuild():
     flow = fp.PerturbedFlow.build(m.cnf.velocity, torch.tensor(m.cnf.t, dtype=torch.float64))
     with pytest.raises(ValueError, match="not a VelocityMLP"):
         flow.rescripted()
+
+
+def test_bundled_flow_is_compiled_with_the_current_code():
+    """The shipped flow file carries its own TorchScript: when the flow or estimator code changes,
+    re-compile it (PerturbedFlow.load(p).rescripted().save(p)), or users keep running the old code."""
+    from openmm_flowpert.perturbed_flow import compiled_code_fingerprint
+    from openmm_flowpert.systems import bundled_flow
+
+    shipped = fp.PerturbedFlow.load(bundled_flow("alanine-dipeptide"))
+    assert shipped.metadata.get("code") == compiled_code_fingerprint(), \
+        "the bundled flow was compiled from other flow/estimator code: re-compile it"
