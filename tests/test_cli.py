@@ -150,3 +150,24 @@ def test_cli_sample_replica_exchange_and_resume(tmp_path):
     assert s["iterations"] == 5 and s["temperatures_K"] == [300.0, 330.0]
     assert s["move_statistics"]["n_proposed"] > 0
     assert md.load(str(out / "trajectory.dcd"), top=str(out / "trajectory.pdb")).n_frames == 5
+
+
+def test_demo_command_runs_clean_and_writes_its_outputs(tmp_path):
+    """The Quick start's main command, shortened: exit 0, the comparison table with the reference,
+    every plot and the summary, and no third-party import banners in what the user reads."""
+    import json
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "flowpert")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([exe, "demo", "--seconds", "2", "--out", str(tmp_path / "demo")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "hybrid MD + FP" in out.stdout and "plain MD" in out.stdout and "(reference)" in out.stdout
+    for noise in ("JAX NOT FOUND", "Warning on use of the timeseries module"):
+        assert noise not in out.stdout + out.stderr
+    for f in ("ramachandran.png", "energies.png", "acceptance.png", "summary.json"):
+        assert (tmp_path / "demo" / f).stat().st_size > 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary  # written completely (json parses)

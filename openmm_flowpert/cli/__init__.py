@@ -36,6 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from ..analysis import _pymbar_timeseries
+
+    _pymbar_timeseries()  # pymbar's import banner and caution, before openmmtools imports it
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
