@@ -24,6 +24,8 @@ from typing import Dict
 
 import numpy as np
 
+from .sample import mpi_comm as _mpi_comm
+
 STAGES = ("system", "data", "train", "smc", "rex", "report")
 MPI_STAGES = ("data", "rex")   # the stages that may run under mpiexec (openmmtools replica exchange)
 
@@ -133,13 +135,6 @@ def run(args) -> int:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _mpi_comm():
-    """The MPI communicator when running under mpiexec (None otherwise; mpi4py is imported only then)."""
-    import mpiplus
-
-    return mpiplus.get_mpicomm()
-
-
 def _path(args, *parts) -> str:
     return os.path.join(args.out, *parts)
 

@@ -126,15 +126,17 @@ def _single(args, ms, temperature, flow) -> int:
     return 0
 
 
+def mpi_comm():
+    """The MPI communicator when running under mpiexec (None otherwise; mpi4py is imported only then)."""
+    import mpiplus
+
+    return mpiplus.get_mpicomm()
+
+
 def _replica_exchange(args, ms, temps, flow) -> int:
     import numpy as np
     from openmm import unit
-
-    from ..analysis import _pymbar_timeseries
-
-    _pymbar_timeseries()  # import pymbar without its banner before openmmtools.multistate imports it
-    import mpiplus
-    from openmmtools import mcmc, multistate, states
+    from openmmtools import mcmc, multistate, states  # (flowpert's main() has imported pymbar quietly)
 
     from ..moves import FlowPerturbationMove
     from ..moves.langevin import SeededLangevinDynamicsMove
@@ -162,7 +164,7 @@ def _replica_exchange(args, ms, temps, flow) -> int:
         sampler.create(thermodynamic_states=thermo, sampler_states=start, storage=reporter)
     from tqdm.auto import tqdm
 
-    comm = mpiplus.get_mpicomm()   # under mpiexec openmmtools spreads the replicas over the ranks
+    comm = mpi_comm()   # under mpiexec openmmtools spreads the replicas over the ranks
     root = comm is None or comm.rank == 0
     with tqdm(total=args.iterations, initial=sampler.iteration, desc="replica exchange", unit="it",
               disable=not root) as bar:
