@@ -10,9 +10,9 @@ STAMP   = $(VENV)/.flowpert-installed
 # torch threads wait passively: busy-waiting OpenMP threads stall when other work shares the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow lint bench install clean
 
-$(STAMP): requirements.txt constraints.txt setup.py $(wildcard CMakeLists.txt cmake/*.cmake csrc/*.h csrc/*.cpp csrc/cuda/*)
+$(STAMP): requirements.txt constraints.txt setup.py $(wildcard CMakeLists.txt cmake/*.cmake cmake/*.py csrc/*.h csrc/*.cpp csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-cache-dir -r requirements.txt -c constraints.txt
 	$(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps -e .
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]  # exit 5: no slow tests selected

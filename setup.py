@@ -6,10 +6,16 @@ only prints a notice: the pure-Python package is installed and uses the torch fa
 
 Environment switches:
   FLOWPERT_BUILD_NATIVE=0   skip the native build
-  FLOWPERT_CUDA=1           also compile the CUDA kernels (NVRTC route, see csrc/cuda/README.md);
-                            falls back to a CPU-only build if that fails
-  FLOWPERT_CUDA_ARCHS, FLOWPERT_CUDA_CRT_INCLUDE   passed on to CMake (cubin targets "80;90",
-                            directory holding CUDA 12's crt/host_defines.h)
+  FLOWPERT_CUDA=auto        (default) also compile the CUDA kernels (NVRTC route, csrc/cuda/README.md)
+                            when torch has CUDA and that version's NVRTC, runtime and crt/ headers are
+                            found (cmake/flowpert_cuda_toolchain.py); else CPU kernels only, with a notice
+  FLOWPERT_CUDA=1           always try the CUDA kernels (a notice names what failed; then CPU only)
+  FLOWPERT_CUDA=0           CPU kernels only
+  FLOWPERT_CUDA_ARCHS, FLOWPERT_CUDA_CRT_INCLUDE   passed on to CMake (cubin targets, default
+                            "80;86;89;90;100;120"; folder holding crt/host_defines.h of torch's CUDA)
+
+CPU and CUDA kernels draw the same bits, so a CPU-only build changes no result: a
+``Noise(device="cuda")`` then draws on the CPU and copies.
 """
 import os
 import shutil
@@ -71,7 +77,7 @@ class BuildNative(build_ext):
                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                 f"-DPython3_EXECUTABLE={sys.executable}"]
         jobs = str(os.cpu_count() or 2)
-        want_cuda = os.environ.get("FLOWPERT_CUDA", "0") == "1"
+        want_cuda = self._want_cuda()
         cuda_opts = [f"-D{v}={os.environ[v]}" for v in ("FLOWPERT_CUDA_ARCHS", "FLOWPERT_CUDA_CRT_INCLUDE")
                      if os.environ.get(v)]
         for cuda in ([True, False] if want_cuda else [False]):
@@ -84,6 +90,26 @@ class BuildNative(build_ext):
                     raise
                 print(f"openmm-flowpert: CUDA kernels not built ({err}); building the CPU ops only")
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _want_cuda() -> bool:
+        mode = os.environ.get("FLOWPERT_CUDA", "auto").strip().lower()
+        if mode in ("0", "off", "no", "false"):
+            return False
+        if mode != "auto":
+            return True
+        sys.path.insert(0, str(ROOT / "cmake"))
+        try:
+            from flowpert_cuda_toolchain import find_toolchain
+
+            found, why = find_toolchain()
+        except Exception as err:  # the lookup itself must never break the install
+            found, why = None, f"toolchain lookup failed: {err}"
+        finally:
+            sys.path.pop(0)
+        if found is None:
+            print(f"openmm-flowpert: CUDA kernels not built ({why}); building the CPU ops only")
+        return found is not None
 
     @staticmethod
     def _run(cmd):

@@ -53,17 +53,19 @@ def block_se(values: np.ndarray, n_blocks: int = 20) -> float:
 
 
 def cmd_data(args):
-    from openmm_flowpert.simulate import geometric_temperatures, replica_exchange
+    from openmm_flowpert.samplers.replica_exchange import geometric_temperatures, run_replica_exchange
     from openmm_flowpert.systems import alanine_dipeptide
 
     s = alanine_dipeptide()
     t0 = time.time()
-    r = replica_exchange(s.system, s.positions, geometric_temperatures(300, 600, 8), args.frames,
-                         steps_per_swap=500, equilibration_swaps=200, seed=args.seed, platform="Reference")
+    storage = os.path.splitext(args.out)[0] + ".nc"   # openmmtools storage: a killed run resumes
+    r = run_replica_exchange(s.system, s.positions, geometric_temperatures(300, 600, 8), 200 + args.frames, storage,
+                             md_steps=500, seed=args.seed, platform="Reference", discard=200, read_states=range(4))
     wall = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp.npz"
-    np.savez(tmp, pos=r.positions[:4].astype(np.float32), red=r.reduced_energies, temps=np.array(r.temperatures),
+    np.savez(tmp, pos=np.stack([r.positions[k] for k in range(4)]).astype(np.float32), red=r.reduced_energies,
+             temps=np.array(r.temperatures),
              swap=r.swap_acceptance)
     os.replace(tmp, args.out)
     pop = in_basin(r.positions[0])

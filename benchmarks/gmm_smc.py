@@ -1,4 +1,4 @@
-"""The papers' GMM benchmarks with flow-perturbation SMC (ALGORITHM.md sections 7-8).
+"""The papers' GMM benchmarks with flow-perturbation SMC (docs/algorithm.md sections 7-8).
 
     python benchmarks/gmm_smc.py --dim 10   --walkers 1000 --steps 500
     python benchmarks/gmm_smc.py --dim 1000 --walkers 256  --steps 200 --hidden 256 --epochs 15
@@ -69,7 +69,7 @@ def main():
         if predicted <= args.max_seconds:
             runs = []
             for rep in range(args.repeats):
-                smc = fp.FlowPerturbationSMC(flow, gmm.energy, n_walkers=args.walkers, n_steps=args.steps,
+                smc = fp.FlowPerturbationSMC(flow, gmm.energy, n_walkers=args.walkers, n_annealing_steps=args.steps,
                                              sweeps=args.sweeps, k=tuple(k), k_eps=tuple(k), estimator=est,
                                              n_probes=n_pr, seed=args.seed + rep)
                 r = smc.run(progress=True)

@@ -5,7 +5,6 @@ usage: python benchmarks/move.py [--repeats 5] [--estimator fp++]
 """
 import argparse
 import os
-import time
 
 import openmm_flowpert as fp  # noqa: F401  (torch before openmm)
 import numpy as np

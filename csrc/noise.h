@@ -2,11 +2,11 @@
 // counter layout):
 //   gaussian        out[r, j] = N(0,1) draw of element j of row r, then optionally the per-row,
 //                   per-Cartesian-component mean over particles is subtracted (mean-free).
-//   directions      the same Gaussian rows g, returned as unit vectors u and norms r (g = u r).
+//   directions      the same Gaussian rows g, returned as unit vectors u and norms r (g = u r);
+//                   r is what Noise.chi draws (a sum in a fixed order: same bits on CPU and GPU).
 //   uniform         out[i] in (0, 1).
 //   partial_redraw  copy of w where k[r] distinct coordinates of row r, chosen uniformly by
 //                   Floyd's algorithm, are replaced by their N(0,1) draw normal_at(r, c).
-//   log_stretch     log(||zp - zm||_2 / two_eps) per row, accumulated in float64.
 #pragma once
 
 #include <torch/types.h>
@@ -24,7 +24,6 @@ at::Tensor gaussian_cpu(int64_t rows, int64_t dim, int64_t n_particles, Draw d);
 std::tuple<at::Tensor, at::Tensor> directions_cpu(int64_t rows, int64_t dim, int64_t n_particles, Draw d);
 at::Tensor uniform_cpu(int64_t n, Draw d);
 at::Tensor partial_redraw_cpu(const at::Tensor& w, const at::Tensor& k, Draw d);
-at::Tensor log_stretch_cpu(const at::Tensor& zp, const at::Tensor& zm, double two_eps);
 
 #ifdef FLOWPERT_WITH_CUDA
 at::Tensor gaussian_cuda(int64_t rows, int64_t dim, int64_t n_particles, Draw d, at::Device dev);
@@ -32,7 +31,6 @@ std::tuple<at::Tensor, at::Tensor> directions_cuda(int64_t rows, int64_t dim, in
                                                    at::Device dev);
 at::Tensor uniform_cuda(int64_t n, Draw d, at::Device dev);
 at::Tensor partial_redraw_cuda(const at::Tensor& w, const at::Tensor& k, Draw d);
-at::Tensor log_stretch_cuda(const at::Tensor& zp, const at::Tensor& zm, double two_eps);
 #endif
 
 }  // namespace flowpert

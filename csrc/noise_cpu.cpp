@@ -185,29 +185,4 @@ at::Tensor partial_redraw_cpu(const at::Tensor& w_in, const at::Tensor& k_in, Dr
   return out;
 }
 
-template <typename T>
-void log_stretch_rows(const T* a, const T* c, double* o, int64_t B, int64_t D, double log_den) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(B * D))
-  for (int64_t r = 0; r < B; ++r) {
-    const T* ar = a + r * D;
-    const T* cr = c + r * D;
-    const double ss = lane_sum(D, [&](int64_t j) {
-      const double t = (double)ar[j] - (double)cr[j];
-      return t * t;
-    });
-    o[r] = 0.5 * std::log(ss) - log_den;  // log(sqrt(ss) / two_eps)
-  }
-}
-
-at::Tensor log_stretch_cpu(const at::Tensor& zp_in, const at::Tensor& zm_in, double two_eps) {
-  at::Tensor zp = zp_in.contiguous(), zm = zm_in.contiguous();
-  const int64_t B = zp.size(0), D = zp.size(1);
-  at::Tensor out = at::empty({B}, zp.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(zp.scalar_type(), "log_stretch_cpu", [&] {
-    log_stretch_rows<scalar_t>(zp.data_ptr<scalar_t>(), zm.data_ptr<scalar_t>(), out.data_ptr<double>(), B, D,
-                               std::log(two_eps));
-  });
-  return out;
-}
-
 }  // namespace flowpert

@@ -1,9 +1,10 @@
 // Registers the flowpert:: ops with the dispatcher.
 //
 // Factory ops (no tensor inputs) take an optional device and pick the CPU or CUDA kernel
-// themselves; ops with tensor inputs are registered per backend. All ops are non-differentiable
-// noise or diagnostics: an Autograd fallthrough keeps them silent inside autograd (openmm-torch
-// evaluates models with gradients on).
+// themselves; partial_redraw (a tensor input) is registered per backend. All ops are
+// non-differentiable noise: an Autograd fallthrough keeps them silent inside autograd (openmm-torch
+// evaluates models with gradients on). Callers: openmm_flowpert/noise/_native.py (Noise draws on
+// the CPU or, for Noise(device="cuda"), on the GPU); _philox is the known-answer test hook.
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -85,28 +86,11 @@ at::Tensor partial_redraw_cpu_op(const at::Tensor& w, const at::Tensor& k, int64
   return partial_redraw_cpu(w, k.cpu(), Draw{seed, stream, offset});
 }
 
-void check_stretch(const at::Tensor& zp, const at::Tensor& zm, double two_eps) {
-  TORCH_CHECK(zp.dim() == 2 && zp.sizes() == zm.sizes(), "flowpert.log_stretch: zp, zm must be (B, D), same shape");
-  TORCH_CHECK(zp.scalar_type() == zm.scalar_type() && zp.is_floating_point(),
-              "flowpert.log_stretch: zp, zm must share a floating dtype");
-  TORCH_CHECK(two_eps > 0.0, "flowpert.log_stretch: two_eps must be > 0");
-}
-
-at::Tensor log_stretch_cpu_op(const at::Tensor& zp, const at::Tensor& zm, double two_eps) {
-  check_stretch(zp, zm, two_eps);
-  return log_stretch_cpu(zp, zm, two_eps);
-}
-
 #ifdef FLOWPERT_WITH_CUDA
 at::Tensor partial_redraw_cuda_op(const at::Tensor& w, const at::Tensor& k, int64_t seed, int64_t stream,
                                   int64_t offset) {
   check_redraw(w, k);
   return partial_redraw_cuda(w, k.to(w.device()), Draw{seed, stream, offset});
-}
-
-at::Tensor log_stretch_cuda_op(const at::Tensor& zp, const at::Tensor& zm, double two_eps) {
-  check_stretch(zp, zm, two_eps);
-  return log_stretch_cuda(zp, zm, two_eps);
 }
 #endif
 
@@ -142,7 +126,6 @@ TORCH_LIBRARY(flowpert, m) {
         " -> (Tensor, Tensor)");
   m.def("uniform(int n, int seed, int stream, int offset, Device? device=None) -> Tensor");
   m.def("partial_redraw(Tensor w, Tensor k, int seed, int stream, int offset) -> Tensor");
-  m.def("log_stretch(Tensor zp, Tensor zm, float two_eps) -> Tensor");
   m.def("_philox(Tensor ctr, int k0, int k1) -> Tensor");
   m.def("has_cuda() -> bool", &flowpert::has_cuda);
 }
@@ -156,18 +139,16 @@ TORCH_LIBRARY_IMPL(flowpert, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(flowpert, CPU, m) {
   m.impl("partial_redraw", &flowpert::partial_redraw_cpu_op);
-  m.impl("log_stretch", &flowpert::log_stretch_cpu_op);
   m.impl("_philox", &flowpert::philox_raw);
 }
 
 #ifdef FLOWPERT_WITH_CUDA
 TORCH_LIBRARY_IMPL(flowpert, CUDA, m) {
   m.impl("partial_redraw", &flowpert::partial_redraw_cuda_op);
-  m.impl("log_stretch", &flowpert::log_stretch_cuda_op);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(flowpert, Autograd, m) {
-  for (const char* op : {"gaussian", "directions", "uniform", "partial_redraw", "log_stretch", "_philox"})
+  for (const char* op : {"gaussian", "directions", "uniform", "partial_redraw", "_philox"})
     m.impl(op, torch::CppFunction::makeFallthrough());
 }

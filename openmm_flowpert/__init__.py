@@ -5,8 +5,8 @@ imported before openmm in a process.
 
 OpenMP threads of torch wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless you set the variable
 yourself before importing torch: flow moves alternate small torch calls with OpenMM, and busy-waiting
-threads were measured to slow fp++ calls 150-fold (18 ms -> 2.9 s) when another process shared the
-cores. This takes effect only if openmm_flowpert is imported before torch.
+threads slow fp++ calls up to 150-fold when another process shares the cores (docs/benchmarks.md,
+introduction). This takes effect only if openmm_flowpert is imported before torch.
 """
 import os
 
@@ -31,5 +31,5 @@ def __getattr__(name):
         return FlowPerturbationMove
     raise AttributeError(f"module 'openmm_flowpert' has no attribute {name!r}")
 
-__all__ = ["FlowPerturbationMove", "Noise", "PerturbedFlow", "Proposal", "FlowFileError", "train_flow", "run_metropolis",
-           "MetropolisResult", "LatentMC", "FlowPerturbationSMC", "noise", "testsystems"]
+__all__ = ["FlowPerturbationMove", "Noise", "PerturbedFlow", "Proposal", "FlowFileError", "train_flow",
+           "run_metropolis", "MetropolisResult", "LatentMC", "FlowPerturbationSMC", "noise", "testsystems"]

@@ -6,7 +6,7 @@ Error bars of time series use the statistical inefficiency g of :func:`pymbar.ti
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -68,12 +68,6 @@ def phi_populations(phi: np.ndarray, basin: Tuple[float, float] = PHI_BASIN) -> 
     p = np.asarray(phi)[:, 0] if np.ndim(phi) == 2 else np.asarray(phi)
     return {"phi<0": mean_and_se((p < 0).astype(float)),
             f"{basin[0]:g}<phi<{basin[1]:g}": mean_and_se(((p > basin[0]) & (p < basin[1])).astype(float))}
-
-
-def effective_samples(values: np.ndarray) -> Optional[float]:
-    """n / g of a time series (None if it never changes)."""
-    m, se, g = mean_and_se(values)
-    return None if se == 0 else len(values) / g
 
 
 def _mdtraj(positions: np.ndarray, topology):

@@ -16,13 +16,12 @@ import torch
 from . import noise as _noise
 from ._files import atomic_write
 from .estimators import ESTIMATORS, PerturbedFlowModule
-from .flow import (CNF, Affine, InternalCoordinates, NormalizedInternal, VelocityMLP, frame_rotation,
-                   haar_rotations)
+from .flow import (CNF, frame_rotation, guess_velocity_config, haar_rotations, identity_transform,
+                   transform_from_state, velocity_config, velocity_from_state)
+from .flow.metadata import FORMAT, FORMAT_VERSION, FlowMetadata
 
-__all__ = ["PerturbedFlow", "Proposal", "FlowFileError", "file_checksum"]
+__all__ = ["PerturbedFlow", "Proposal", "FlowFileError", "FlowMetadata", "file_checksum"]
 
-FORMAT = "openmm-flowpert-flow"
-FORMAT_VERSION = 1
 _META = "flowpert.json"
 
 #: Default of ``exact_inverse`` for proposals (see docs/benchmarks.md, "exact vs fast inverse").
@@ -32,9 +31,9 @@ DEFAULT_EXACT_INVERSE = True
 def _plain_execution():
     """Run scripted methods without TorchScript's profiling optimizer.
 
-    Measured here: the profiling optimizer re-specializes each new (method, batch shape)
-    combination, so a first call took 160 ms instead of 33 ms, and a move alternates several
-    shapes; in the steady state both run at the same speed.
+    The profiling optimizer re-specializes each new (method, batch shape) combination and a move
+    alternates several shapes, so first calls are much slower; in the steady state both run at the
+    same speed (docs/benchmarks.md section 1, "TorchScript executor").
     """
     return torch.jit.optimized_execution(False)
 
@@ -68,7 +67,7 @@ def compiled_code_fingerprint() -> str:
 
 
 def check_probes(probes: str) -> None:
-    """Only Gaussian probes give uniform directions; anything else biases W (ALGORITHM.md section 2)."""
+    """Only Gaussian probes give uniform directions; anything else biases W (docs/algorithm.md section 2)."""
     if probes != "gaussian":
         raise ValueError(
             f"probes={probes!r} is not allowed: flow perturbation is unbiased only for directions uniform "
@@ -127,10 +126,11 @@ class PerturbedFlow:
     def to(self, device) -> "PerturbedFlow":
         """Run the network on a torch ``device`` (``"cuda"``, ``"cpu"``); returns self.
 
-        Only the integration and the estimators move: noise is drawn on the CPU (counter-based, so
-        results do not depend on the device's thread count), and every method still takes and
-        returns CPU tensors, so samplers and OpenMM energies are unchanged. Worth it for large
-        batches (SMC walkers); a single Metropolis chain is faster on the CPU.
+        The integration, the estimators and the noise of propose / refresh / sample move there (the
+        native CUDA kernels draw the same numbers as the CPU; without them the noise is drawn on
+        the CPU and copied); every method still takes and returns CPU tensors, so samplers and
+        OpenMM energies are unchanged. Meant for large batches (SMC walkers); for the small
+        batches of one chain the gain is unmeasured.
         """
         self.device = torch.device(device)
         self.module = self.module.to(self.device)
@@ -156,42 +156,35 @@ class PerturbedFlow:
 
         ``n_particles > 0`` makes the CNF mean-free over that many particles; ``n_atoms`` (default:
         ``n_particles``) sets the (B, n_atoms, 3) shape of positions, also for flows that are not
-        mean-free (0: flat (B, D) vectors). A :class:`~openmm_flowpert.flow.NormalizedInternal`
-        transform makes a molecular flow in internal coordinates: the CNF then works in 3N - 6
-        dimensions (``n_particles`` must be 0), positions are mean-free and the orientation of each
-        proposal is drawn from the Haar measure (or taken from a reference, see :meth:`evaluate`).
+        mean-free (0: flat (B, D) vectors). ``transform`` is a fixed transform of
+        :mod:`openmm_flowpert.flow.transforms` (default: the identity); it says what it needs and
+        implies (:meth:`~openmm_flowpert.flow.FixedTransform.flow_layout`). A
+        :class:`~openmm_flowpert.flow.NormalizedInternal` transform makes a molecular flow in
+        internal coordinates: the CNF then works in 3N - 6 dimensions (``n_particles`` must be 0),
+        positions are mean-free and the orientation of each proposal is drawn from the Haar
+        measure (or taken from a reference, see :meth:`evaluate`). ``extra``: further metadata
+        entries. The metadata records the velocity network's sizes (a
+        :class:`~openmm_flowpert.flow.VelocityMLP`), the transform and the active noise backend.
         """
         velocity = velocity.double().eval()
         for p in velocity.parameters():
             p.requires_grad_(False)
         cnf = CNF(velocity, times, n_particles=n_particles, scheme=scheme)
-        internal = isinstance(transform, NormalizedInternal)
-        if internal:
-            if n_particles:
-                raise ValueError("an internal-coordinate flow has a plain (not mean-free) CNF: use n_particles=0")
-            if transform.dim != cnf.dim:
-                raise ValueError(f"the velocity field has {cnf.dim} coordinates; the internal-coordinate "
-                                 f"transform needs {transform.dim} (3N - 6)")
-            n_atoms = transform.n_atoms
         if transform is None:
-            transform = Affine(torch.zeros(cnf.dim), torch.ones(1), n_particles=n_particles)
-        x_dim = 3 * transform.n_atoms if internal else cnf.dim
-        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=x_dim))
-        meta = {
-            "format": FORMAT, "version": FORMAT_VERSION, "units": "nm",
-            "n_atoms": int(n_particles if n_atoms is None else n_atoms),
-            "remove_com": bool(n_particles > 0 or internal), "latent_particles": int(n_particles),
-            "dim": cnf.dim, "d": cnf.d, "x_dim": x_dim,
-            "prior_scale": float(prior_scale), "integrator": scheme, "n_steps": cnf.n_steps,
-            "times": [float(t) for t in times], "temperature": temperature,
-            "coordinates": "internal" if internal else "cartesian",
-            "inverse_memory": cnf.inverse_memory, "code": compiled_code_fingerprint(),
-        }
-        if internal:
-            ic = transform.ic
-            meta["orientation"] = "haar"
-            meta["frame"] = [ic.a0, ic.a1, ic.a2, bool(ic.a2_on_a0)]
-            meta["zmatrix"] = ic.zmatrix.tolist()
+            transform = identity_transform(cnf.dim, n_particles)
+        layout = transform.flow_layout(cnf.dim, n_particles)
+        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=layout["x_dim"]))
+        if "n_atoms" in layout:
+            n_atoms = layout["n_atoms"]
+        rec = FlowMetadata(
+            n_atoms=int(n_particles if n_atoms is None else n_atoms),
+            remove_com=bool(n_particles > 0 or layout["mean_free"]), latent_particles=int(n_particles),
+            dim=cnf.dim, d=cnf.d, x_dim=int(layout["x_dim"]), prior_scale=float(prior_scale), integrator=scheme,
+            n_steps=cnf.n_steps, times=[float(t) for t in times], temperature=temperature,
+            coordinates=layout["coordinates"], inverse_memory=cnf.inverse_memory, code=compiled_code_fingerprint(),
+            orientation=layout.get("orientation"), frame=layout.get("frame"), zmatrix=layout.get("zmatrix"),
+            velocity=velocity_config(velocity), transform=transform.spec(), noise_backend=_noise.backend())
+        meta = rec.to_json()
         meta.update(extra or {})
         return cls(module, meta)
 
@@ -201,34 +194,33 @@ class PerturbedFlow:
         A flow file carries the TorchScript code it was saved with, so improvements to the
         integrator, its inverse or the estimators reach old files only through this call (then
         :meth:`save`). Works for flows made by :func:`~openmm_flowpert.train_flow` (a
-        :class:`~openmm_flowpert.flow.VelocityMLP` velocity); the forward map is unchanged bit for bit.
+        :class:`~openmm_flowpert.flow.VelocityMLP` velocity, whose sizes the metadata records; files
+        that predate that record get them from the weights); the forward map is unchanged bit for bit.
         """
-        m = self.metadata
+        rec = self.info
         sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         vel_sd = {k[len("cnf.velocity."):]: v for k, v in sd.items() if k.startswith("cnf.velocity.")}
         try:
-            hidden, dim = vel_sd["inp.weight"].shape
-            n_hidden = len([k for k in vel_sd if k.startswith("hidden.") and k.endswith(".weight")])
-            velocity = VelocityMLP(int(dim), hidden=int(hidden), n_layers=n_hidden + 1,
-                                   n_freq=int(vel_sd["freqs"].numel()))
-            velocity.load_state_dict(vel_sd)
+            spec = rec.velocity or guess_velocity_config(vel_sd)
+            velocity = velocity_from_state(spec, vel_sd)
         except (KeyError, RuntimeError) as exc:
             raise ValueError("this flow's velocity field is not a VelocityMLP, so it cannot be re-compiled "
                              "from its file; build it again from its Python module with "
                              f"PerturbedFlow.build ({exc})") from None
-        if m.get("coordinates") == "internal":
-            ic = InternalCoordinates(sd["transform.ic.zmatrix"], int(m["n_atoms"]))
-            transform = NormalizedInternal(ic, sd["transform.mean"], sd["transform.std"], sd["transform.cut"])
-        else:
-            transform = Affine(sd["transform.shift"], sd["transform.scale"], n_particles=int(m["latent_particles"]))
-        transform.load_state_dict({k[len("transform."):]: v for k, v in sd.items() if k.startswith("transform.")})
-        new = PerturbedFlow.build(velocity, torch.tensor(m["times"], dtype=torch.float64), transform,
-                                  n_particles=int(m["latent_particles"]), scheme=m["integrator"],
-                                  prior_scale=float(m["prior_scale"]), temperature=m.get("temperature"),
-                                  n_atoms=int(m["n_atoms"]))
-        meta = dict(m)
-        meta["inverse_memory"], meta["code"] = new.metadata["inverse_memory"], new.metadata["code"]
+        transform = transform_from_state(rec.transform, {k[len("transform."):]: v for k, v in sd.items()
+                                                         if k.startswith("transform.")})
+        new = PerturbedFlow.build(velocity, torch.tensor(rec.times, dtype=torch.float64), transform,
+                                  n_particles=rec.latent_particles, scheme=rec.integrator,
+                                  prior_scale=rec.prior_scale, temperature=rec.temperature, n_atoms=rec.n_atoms)
+        meta = dict(self.metadata)
+        for key in ("inverse_memory", "code", "velocity", "transform"):  # compiled now; recorded from now on
+            meta[key] = new.metadata[key]
         return PerturbedFlow(new.module, meta).to(self.device)
+
+    @property
+    def info(self) -> FlowMetadata:
+        """The metadata as a typed record (:class:`~openmm_flowpert.flow.metadata.FlowMetadata`)."""
+        return FlowMetadata.from_json(self.metadata)
 
     # -- properties --------------------------------------------------------------------------------
     @property
@@ -266,14 +258,14 @@ class PerturbedFlow:
         return str(self.metadata.get("coordinates", "cartesian"))
 
     @property
-    def _mf(self) -> int:
+    def _mean_free_atoms(self) -> int:
         """Particles of the mean-free projection of positions (0 when they are not mean-free)."""
         return self.n_atoms if self.remove_com else 0
 
     @property
-    def _lmf(self) -> int:
+    def _latent_mean_free_atoms(self) -> int:
         """Particles of the mean-free projection of the latent space (0 when it is plain)."""
-        return int(self.metadata.get("latent_particles", self._mf))
+        return int(self.metadata.get("latent_particles", self._mean_free_atoms))
 
     def _orient(self, x: torch.Tensor, reference, noise: Optional[_noise.Noise]) -> torch.Tensor:
         """Rotate canonical-frame proposals of an internal-coordinate flow (no-op otherwise).
@@ -311,7 +303,7 @@ class PerturbedFlow:
         if x.shape[-1] != int(self.metadata["x_dim"]):
             raise ValueError(f"positions have {x.shape[-1]} coordinates per sample; the flow expects "
                              f"{self.metadata['x_dim']}")
-        return _noise.project_mean_free(x, self._mf)
+        return _noise.project_mean_free(x, self._mean_free_atoms)
 
     def _shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], self.n_atoms, 3) if self.n_atoms > 0 else x
@@ -330,7 +322,7 @@ class PerturbedFlow:
     def latent(self, w: torch.Tensor, prior_scale: Optional[float] = None) -> torch.Tensor:
         """z = s P w: the latent for an unprojected standard-normal state w (B, D)."""
         s = self.prior_scale if prior_scale is None else float(prior_scale)
-        return s * _noise.project_mean_free(w, self._lmf)
+        return s * _noise.project_mean_free(w, self._latent_mean_free_atoms)
 
     # -- sampling and estimates --------------------------------------------------------------------
     def n_probe_sets(self, estimator: str, n_probes: int = 1) -> int:
@@ -362,13 +354,15 @@ class PerturbedFlow:
         keeps a Metropolis move exact since the target is rotation invariant).
         """
         self._resolve(estimator, exact_inverse, prior_scale, probes)
-        w = noise.gaussian(n, self.dim)
+        dev = self.device  # noise is drawn where the network runs (the same numbers on every device)
+        w = noise.gaussian(n, self.dim, device=dev)
         P = self.n_probe_sets(estimator, n_probes)
-        eps = noise.gaussian(n, self.dim, sets=P) if P > 0 else torch.zeros(n, 0, self.dim, dtype=torch.float64)
+        eps = (noise.gaussian(n, self.dim, sets=P, device=dev) if P > 0
+               else torch.zeros(n, 0, self.dim, dtype=torch.float64, device=dev))
         x, log_q = self.evaluate(w, eps, estimator, exact_inverse, prior_scale, probes)
         if self.metadata.get("orientation") == "haar":
             x = self._shape(self._orient(x.reshape(n, -1), reference, noise if reference is None else None))
-        return Proposal(x, log_q, w, eps)
+        return Proposal(x, log_q, w.cpu(), eps.cpu())
 
     @torch.no_grad()
     def refresh(self, x, noise: _noise.Noise, estimator: str = "fp++", n_probes: int = 1,
@@ -377,7 +371,7 @@ class PerturbedFlow:
         """Map positions to the latent space and redraw the auxiliary directions from rho(u | x).
 
         This Gibbs step makes any x-move (MD, replica swaps) followed by flow-perturbation
-        Metropolis exact (ALGORITHM.md section 4). Returns a :class:`Proposal` for the *current*
+        Metropolis exact (docs/algorithm.md section 4). Returns a :class:`Proposal` for the *current*
         state: x (the input, centre of mass removed for mean-free flows), log q, and a full
         unprojected latent state (w, eps) with w = z/s + (I - P) g and eps = r u + (I - P) g',
         r ~ chi_d, so that latent-local moves can continue from it. Rows whose exact inverse did
@@ -390,30 +384,32 @@ class PerturbedFlow:
         _, s = self._resolve(estimator, exact_inverse, prior_scale, probes)
         xf = self._flat(x)
         B, D, P = xf.shape[0], self.dim, self.n_probe_sets(estimator, n_probes)
-        g = noise.gaussian(B, D, self._lmf, sets=P) if P > 0 else torch.zeros(B, 0, D, dtype=torch.float64)
+        dev = self.device  # noise is drawn where the network runs (the same numbers on every device)
+        g = (noise.gaussian(B, D, self._latent_mean_free_atoms, sets=P, device=dev) if P > 0
+             else torch.zeros(B, 0, D, dtype=torch.float64))
         with _plain_execution():
             z, u, log_q = self._call("refresh", xf, g, estimator, True, s)
         w = z / s + self._complement(noise, B, 0)
         if P > 0 and estimator in ("fp", "fp++"):
-            r = noise.chi(B * P, self.d).reshape(B, P, 1)
+            r = noise.chi(B * P, self.d, device=dev).cpu().reshape(B, P, 1)
             eps = r * u + self._complement(noise, B, P)
         else:
-            eps = g
+            eps = g.cpu()
         return Proposal(self._shape(xf), log_q, w, eps)
 
     def _complement(self, noise: _noise.Noise, B: int, sets: int) -> torch.Tensor:
         """(I - P) g: the part of a standard normal orthogonal to the mean-free subspace (0 if none)."""
         shape = (B, sets, self.dim) if sets > 0 else (B, self.dim)
-        if self._lmf == 0:
+        if self._latent_mean_free_atoms == 0:
             return torch.zeros(shape, dtype=torch.float64)
-        g = noise.gaussian(B, self.dim, sets=sets)
-        return g - _noise.project_mean_free(g, self._lmf)
+        g = noise.gaussian(B, self.dim, sets=sets, device=self.device).cpu()  # (I - P) on the CPU: same bits
+        return g - _noise.project_mean_free(g, self._latent_mean_free_atoms)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, prior_scale: Optional[float] = None) -> torch.Tensor:
         """Draw ``n`` samples from the flow (no weights); (n, n_atoms, 3) nm or (n, D)."""
         noise = _noise.Noise(seed)
-        w = noise.gaussian(n, self.dim)
+        w = noise.gaussian(n, self.dim, device=self.device)
         with _plain_execution():
             x = self._call("sample", self.latent(w, prior_scale))
         return self._shape(self._orient(x, None, noise))
@@ -462,6 +458,7 @@ class PerturbedFlow:
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise FlowFileError(f"{path!r} has flow format version {meta['version']}, newer than this "
                                 f"openmm-flowpert understands ({FORMAT_VERSION}); upgrade the package")
+        _noise.check_backend(meta.get(_noise.BACKEND_KEY), f"flow file {path!r}")
         return cls(module, meta, path=os.path.abspath(path))
 
     def __repr__(self) -> str:

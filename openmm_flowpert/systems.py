@@ -86,8 +86,8 @@ def cln025(solvent: str = "implicit", gb: str = "native") -> MolecularSystem:
     gb : {"native", "custom"}
         ``"native"`` (default): OpenMM's built-in ``GBSAOBCForce`` with the OBC2 radii and screening
         factors of ``implicit/obc2.xml`` and the same ACE surface term -- the same energy function as
-        ``implicit/obc2.xml``'s ``CustomGBForce`` (agreement to 1e-6 relative,
-        ``tests/test_chignolin.py``) and 4.5x faster on one CPU thread (docs/benchmarks.md section 9).
+        ``implicit/obc2.xml``'s ``CustomGBForce`` (``tests/test_chignolin.py``) and several times
+        faster (docs/benchmarks.md section 9).
         ``"custom"``: the ``implicit/obc2.xml`` route.
     """
     import os

@@ -145,7 +145,7 @@ def test_pipeline_smoke(tmp_path):
     assert internal.dim == 3 * 166 - 6 and internal.metadata["coordinates"] == "internal"
     assert cartesian.dim == 3 * 166 and cartesian.remove_com  # d = 495 in the mean-free subspace
     smc = json.loads((out / "smc" / "summary.json").read_text())
-    assert smc["n_walkers"] == 16 and smc["n_steps"] == 5
+    assert smc["n_walkers"] == 16 and smc["n_annealing_steps"] == 5
     mtime = os.path.getmtime(out / "flows" / "internal.pt")
     assert main(["chignolin", "train", "--out", str(out)]) == 0
     assert os.path.getmtime(out / "flows" / "internal.pt") == mtime

@@ -100,7 +100,7 @@ def test_hybrid_resume_continues(tmp_path):
     from openmm_flowpert.samplers import run_hybrid
 
     ala = get_system("alanine-dipeptide")
-    ck = str(tmp_path / "ck.npz")
+    ck = str(tmp_path / "ck.pt")
     a = run_hybrid(ala.system, ala.positions, 300.0, None, n_iterations=4, md_steps=20, checkpoint=ck,
                    checkpoint_every=2, progress=False, seed=1)
     b = run_hybrid(ala.system, ala.positions, 300.0, None, n_iterations=7, md_steps=20, checkpoint=ck,

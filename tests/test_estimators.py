@@ -7,7 +7,6 @@ import torch
 from torch.autograd.functional import jacobian
 
 import openmm_flowpert as fp
-from openmm_flowpert.estimators.math import log_prior
 
 from conftest import make_module
 

@@ -1,4 +1,4 @@
-"""Hybrid MD + flow-perturbation MC is exact only with the rho(u | x) refresh (ALGORITHM.md §4, §9).
+"""Hybrid MD + flow-perturbation MC is exact only with the rho(u | x) refresh (docs/algorithm.md sections 4 and 9).
 
 Target (one particle, OpenMM CustomExternalForce): x0 ~ 0.8 N(-2, 0.3^2) + 0.2 N(+2, 0.3^2) in nm,
 x1, x2 ~ N(0, 0.3^2); the barrier (~22 kT) is never crossed by the Langevin moves. The flow is a
@@ -21,7 +21,7 @@ import pytest
 import scipy.linalg
 import torch
 from openmm import unit
-from openmmtools import cache, mcmc, states
+from openmmtools import cache, states
 
 import openmm_flowpert as fp
 from openmm_flowpert import FlowPerturbationMove
@@ -86,7 +86,8 @@ def _run(move_cls, flow, seed):
     rng = np.random.default_rng(seed)
     left = np.zeros((N_ITER, N_CHAINS))
     for c in range(N_CHAINS):
-        start = np.array([[2.0 + 0.3 * rng.standard_normal(), 0.3 * rng.standard_normal(), 0.3 * rng.standard_normal()]])
+        start = np.array([[2.0 + 0.3 * rng.standard_normal(), 0.3 * rng.standard_normal(),
+                           0.3 * rng.standard_normal()]])
         ss = states.SamplerState(start * unit.nanometer)
         for i in range(N_ITER):
             md.apply(ts, ss, cc)

@@ -67,7 +67,7 @@ def test_molecular_flow_shapes_and_centre_of_mass():
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(4, 3, dtype=torch.float64, generator=gen)
     samples = base + 0.05 * torch.randn(300, 4, 3, dtype=torch.float64, generator=gen) + 2.0
-    flow = fp.train_flow(samples, epochs=2, hidden=16, n_layers=1, n_steps=4, progress=False)
+    flow = fp.train_flow(samples, epochs=2, hidden=16, n_layers=1, n_steps=4, lr=2e-3, ema=0.995, progress=False)
     assert flow.remove_com and flow.d == 9 and flow.n_atoms == 4
     prop = flow.propose(6, fp.Noise(1), estimator="fp++")
     assert prop.x.shape == (6, 4, 3)

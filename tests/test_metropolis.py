@@ -63,3 +63,26 @@ def test_hutchinson_one_probe_negative_control(gmm, gmm_flow):
     """The same measurement with Hutchinson(1) log-determinants (Gaussian probe): detectably off."""
     mean, se, _ = _fraction_left(gmm, gmm_flow, n_chains=384, proposal="independent", estimator="hutchinson")
     assert abs(mean - gmm.exact_fraction_left) > 4 * se, (mean, se)
+
+
+def test_samplers_refuse_energies_the_flow_geometry_cannot_sample(tmp_path):
+    """A mean-free flow samples only translation-invariant targets: run_metropolis, LatentMC and SMC
+    check the energy on their first batch and refuse an external field (one ValueError naming the
+    fix), while a pair-distance energy of the same positions runs."""
+    gen = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.randn(600, 4, 3, generator=gen, dtype=torch.float64)
+    flow = fp.train_flow(x, epochs=1, hidden=16, n_layers=1, n_steps=2, progress=False, seed=0)
+    assert flow.remove_com
+
+    def pairs(p):  # translation invariant
+        return ((p[:, :, None] - p[:, None]) ** 2).sum((1, 2, 3)) / 8
+
+    def field(p):  # an external harmonic well: not translation invariant
+        return pairs(p) + (p ** 2).sum((1, 2))
+
+    assert fp.run_metropolis(flow, pairs, 4, 2, seed=0).reduced_energies.shape == (2, 4)
+    for run in (lambda: fp.run_metropolis(flow, field, 4, 2, seed=0),
+                lambda: fp.LatentMC(flow, field, n_walkers=4).run(1),
+                lambda: fp.FlowPerturbationSMC(flow, field, n_walkers=4, n_annealing_steps=2).run(progress=False)):
+        with pytest.raises(ValueError, match="rigid translation"):
+            run()

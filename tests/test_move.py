@@ -8,11 +8,10 @@ import openmm
 import pytest
 import torch
 from openmm import unit
-from openmmtools import cache, mcmc, states, testsystems, utils
+from openmmtools import cache, states, testsystems, utils
 
 import openmm_flowpert as fp
 from openmm_flowpert import FlowFileError, FlowPerturbationMove
-from openmm_flowpert.testsystems import GaussianMixture
 
 
 def _run_chains(system, move, n_chains, n_apply, seed=0):
@@ -61,7 +60,8 @@ def test_velocities_redrawn_and_never_none(gmm_system, gmm_system_flow):
     ss = states.SamplerState(gmm_system.positions)
     assert ss.velocities is None
     FlowPerturbationMove(gmm_system_flow, n_proposals=4, seed=1).apply(ts, ss, cache.ContextCache(capacity=1))
-    assert ss.velocities is not None and np.isfinite(ss.velocities.value_in_unit(unit.nanometer / unit.picosecond)).all()
+    assert ss.velocities is not None
+    assert np.isfinite(ss.velocities.value_in_unit(unit.nanometer / unit.picosecond)).all()
 
 
 def test_serialization_and_deepcopy_share_flow(gmm_system_flow):

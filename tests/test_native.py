@@ -14,7 +14,8 @@ import pytest
 import torch  # before openmm (openmm-torch plugin loading)
 from scipy import stats
 
-from openmm_flowpert.noise import _fallback, project_mean_free
+import openmm_flowpert.noise as noise
+from openmm_flowpert.noise import Noise, _fallback, project_mean_free
 
 try:
     from openmm_flowpert.noise import _native
@@ -100,6 +101,9 @@ def test_directions():
     assert torch.allclose(u.norm(dim=1), torch.ones(500, dtype=torch.float64), atol=1e-14)
     assert torch.allclose(u * r[:, None], g, atol=1e-13)
     assert u.view(500, 4, 3).mean(1).abs().max() < 1e-14
+    # unprojected: r is the norm of the Gaussian draw of the same key (Noise.chi uses it)
+    u0, r0 = _native.directions(300, 7, 0, 3, 0, 9)
+    assert torch.allclose(r0, _native.gaussian(300, 7, 0, 3, 0, 9).norm(dim=1), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -159,13 +163,12 @@ def test_large_keys_accepted():
 @needs_native
 def test_identical_for_one_and_two_threads(threads):
     rows, n = 1024, 111  # above the parallel grain, odd row length
-    zp, zm = _fallback.gaussian(rows, 3 * n, 0, 1, 0, 0), _fallback.gaussian(rows, 3 * n, 0, 1, 0, 1)
+    zp = _fallback.gaussian(rows, 3 * n, 0, 1, 0, 0)
     k = torch.arange(rows) % (3 * n + 1)
 
     def draw():
         return [_native.gaussian(rows, 3 * n, n, 3, 4, 5), *_native.directions(rows, 3 * n, n, 3, 4, 5),
-                _native.uniform(rows * 100 + 1, 3, 4, 5), _native.partial_redraw(zp, k, 3, 4, 5),
-                _native.log_stretch(zp, zm, 0.02)]
+                _native.uniform(rows * 100 + 1, 3, 4, 5), _native.partial_redraw(zp, k, 3, 4, 5)]
 
     torch.set_num_threads(1)
     one = draw()
@@ -176,46 +179,20 @@ def test_identical_for_one_and_two_threads(threads):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_log_stretch_matches_torch(dtype):
-    zp = torch.randn(300, 57, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    zm = zp + 1e-3 * torch.randn(300, 57, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    want = torch.log(torch.linalg.vector_norm(zp.double() - zm.double(), dim=1) / 2e-3)
-    got = _native.log_stretch(zp, zm, 2e-3)
-    assert got.dtype == torch.float64
-    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
-    # non-contiguous inputs
-    got_t = _native.log_stretch(zp.t().contiguous().t(), zm, 2e-3)
-    assert torch.allclose(got_t, want, rtol=1e-12, atol=1e-12)
-
-
-@needs_native
-def test_public_log_stretch_keeps_gradients():
-    from openmm_flowpert.noise import log_stretch
-
-    zp = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    zm = torch.zeros(5, 6, dtype=torch.float64)
-    y = log_stretch(zp, zm, 0.5)
-    y.sum().backward()
-    assert torch.allclose(zp.grad, zp.detach() / zp.detach().pow(2).sum(1, keepdim=True))
-    with torch.no_grad():
-        assert torch.allclose(log_stretch(zp, zm, 0.5), y.detach(), rtol=1e-13)
-
-
-@needs_native
 def test_ops_silent_under_autograd():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y = torch.ops.flowpert.log_stretch(x, x.detach() + 1, 2.0)
         z = torch.ops.flowpert.partial_redraw(x, torch.full((4,), 2), 0, 0, 0)
-    assert not y.requires_grad and not z.requires_grad
+        g = torch.ops.flowpert.gaussian(4, 6, 2, 0, 0, 0)
+    assert not z.requires_grad and not g.requires_grad
 
 
 class _Scripted(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = torch.ops.flowpert.gaussian(x.shape[0], x.shape[1], 0, 42, 0, 3)
-        return torch.ops.flowpert.log_stretch(x + g, x - g, 2.0)
+        k = torch.full([x.shape[0]], 2, dtype=torch.long)
+        return torch.ops.flowpert.partial_redraw(x + g, k, 42, 0, 4)
 
 
 @needs_native
@@ -237,12 +214,13 @@ def test_torchscript_save_and_reload_in_fresh_process(tmp_path):
 
 
 class _Energy(torch.nn.Module):
-    """E = sum(x^2) * s with s = exp(log_stretch(x + 1, x - 1, 2) - log sqrt(3N)) = 1."""
+    """E = sum(x * c) with c = partial_redraw(x, k=0), a copy of x that carries no gradient:
+    E = |x|^2 but F = -x (not -2x)."""
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        x = positions.to(torch.float64)
-        s = torch.ops.flowpert.log_stretch(x.reshape(1, -1) + 1.0, x.reshape(1, -1) - 1.0, 2.0)
-        return (x * x).sum() * torch.exp(s[0] - 0.5 * math.log(float(x.numel())))
+        x = positions.to(torch.float64).reshape(1, -1)
+        c = torch.ops.flowpert.partial_redraw(x, torch.zeros([1], dtype=torch.long), 0, 0, 0)
+        return (x * c).sum()
 
 
 @needs_native
@@ -265,7 +243,7 @@ def test_openmm_torchforce_cpu_platform():
     forces = state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer)
     x = torch.tensor(pos, dtype=torch.float64)
     assert energy == pytest.approx(float((x * x).sum()), rel=1e-5)
-    assert torch.allclose(torch.from_numpy(forces).double(), -2 * x, atol=1e-4)  # log_stretch adds no gradient
+    assert torch.allclose(torch.from_numpy(forces).double(), -x, atol=1e-4)  # the op adds no gradient
 
 
 def _notice_check(res, fragment):
@@ -276,15 +254,23 @@ def _notice_check(res, fragment):
 
 
 _FALLBACK_USE = """
+    import warnings
     import torch
     import openmm_flowpert.noise as noise
     nz = noise.Noise(seed=3)
     g = nz.gaussian(4, 9, n_particles=3)
-    u, r = nz.directions(4, 9, n_particles=3)
+    assert g.view(4, 3, 3).mean(1).abs().max() < 1e-12
+    r = nz.chi(6, 5)
+    assert r.shape == (6,) and bool((r > 0).all())
     w, z = nz.partial_redraw(torch.zeros(4, 9), 2, n_particles=3)
-    assert torch.allclose(u.norm(dim=1), torch.ones(4, dtype=torch.float64))
-    assert int((w != 0).sum()) == 8 and noise.log_stretch(g, g + 1, 2.0).shape == (4,)
+    assert int((w != 0).sum()) == 8 and z.shape == (4, 9)
     nz.uniform(5)
+    assert noise.kernel_path() == "torch" and noise.kernel_path("cpu") == "torch"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        noise.check_backend("native", "flow file 'x.pt'")
+        noise.check_backend("torch", "flow file 'y.pt'")
+    assert len(rec) == 1 and "make install" in str(rec[0].message), [str(m.message) for m in rec]
     print(noise.backend())
     """
 
@@ -298,6 +284,132 @@ def test_works_and_says_so_once_when_library_missing(tmp_path):
     _notice_check(res, "not built")
 
 
+# -- Noise: devices, chi, backend checks --------------------------------------------------------
+
+def test_noise_cpu_device_is_the_default():
+    a, b, c = Noise(5, stream=2), Noise(5, stream=2, device="cpu"), Noise(5, stream=2, device=torch.device("cpu"))
+    for nz in (a, b, c):
+        assert nz.device == torch.device("cpu")
+    draws = [(nz.gaussian(7, 12, n_particles=4, sets=3), nz.uniform(9), nz.chi(5, 8, device="cpu"),
+              nz.partial_redraw(torch.zeros(3, 6), 2)[0], nz.gaussian(2, 3, device=None)) for nz in (a, b, c)]
+    for other in draws[1:]:
+        for x, y in zip(draws[0], other):
+            assert x.device.type == "cpu" and torch.equal(x, y)
+    assert a.state() == b.state() == {"seed": 5, "stream": 2, "offset": 5}
+
+
+def test_noise_state_resumes_the_sequence():
+    a = Noise(11, stream=3)
+    a.gaussian(4, 6)
+    a.uniform(2)
+    state = a.state()
+    b, c = Noise(**state), Noise(**state, device="cpu")
+    for nz in (b, c):
+        assert repr(nz) == f"Noise(seed=11, stream=3, offset={state['offset']})"
+    want = a.gaussian(3, 6, n_particles=2)
+    assert torch.equal(b.gaussian(3, 6, n_particles=2), want) and torch.equal(c.gaussian(3, 6, n_particles=2), want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_noise_cuda_device_without_gpu_raises():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Noise(0, device="cuda")
+
+
+def test_chi_distribution():
+    d = 27
+    r = Noise(8).chi(20000, d)
+    assert r.dtype == torch.float64 and r.shape == (20000,)
+    assert stats.kstest(r.numpy(), "chi", args=(d,)).pvalue > 1e-3
+
+
+@needs_native
+def test_chi_is_the_directions_norm(threads):
+    # a fixed summation order: the same bits for any thread count (and on the GPU, see below)
+    torch.set_num_threads(1)
+    one = Noise(4, stream=1, offset=7).chi(4096, 33)
+    torch.set_num_threads(2)
+    two = Noise(4, stream=1, offset=7).chi(4096, 33)
+    assert torch.equal(one, two)
+    assert torch.equal(one, _native.directions(4096, 33, 0, 4, 1, 7)[1])
+    g = _native.gaussian(4096, 33, 0, 4, 1, 7)
+    assert torch.allclose(one, g.norm(dim=1), rtol=1e-15, atol=0)
+
+
+def test_kernel_path_and_backend():
+    assert noise.backend() in ("native", "torch")
+    assert noise.kernel_path() == noise.kernel_path("cpu") == ("native-cpu" if noise.backend() == "native" else "torch")
+    if torch.cuda.is_available():
+        assert noise.kernel_path("cuda") in ("native-cuda", "native-cpu+copy", "torch+copy")
+
+
+def test_check_backend_warns_only_on_a_mismatch(monkeypatch):
+    from openmm_flowpert.noise import _dispatch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        noise.check_backend(None, "flow file 'old.pt'")  # not recorded: silent
+        noise.check_backend(noise.backend(), "flow file 'same.pt'")
+    monkeypatch.setattr(_dispatch, "_impl", _fallback)
+    monkeypatch.setattr(_dispatch, "_reason", "native noise ops not built (missing)")
+    with pytest.warns(noise.NoiseBackendWarning) as rec:
+        noise.check_backend("native", "checkpoint 'run.ckpt'")
+    msg = str(rec[0].message)
+    assert len(rec) == 1 and "\n" not in msg
+    for part in ("checkpoint 'run.ckpt'", "'native' noise backend", "uses 'torch'", "will differ", "make install",
+                 "pip install --no-build-isolation -e .", "not built (missing)"):
+        assert part in msg, msg
+    assert noise.BACKEND_KEY == "noise_backend"
+
+
+@needs_native
+def test_cuda_kernel_failure_falls_back_to_cpu_copy(monkeypatch, caplog):
+    """A CUDA kernel that fails (no image for the GPU, an old driver) is replaced by the CPU kernel and
+    a copy, once and with a notice; other errors propagate. Exercised here with the 'meta' device."""
+    monkeypatch.setattr(_native, "cuda_error", None)
+    monkeypatch.setattr(_native, "cuda_kernels", lambda device: _native.cuda_error is None)
+
+    def broken():
+        raise RuntimeError("flowpert CUDA: cudaLibraryLoadData(...): no kernel image is available")
+
+    cpu = _native.gaussian(3, 4, 0, 1, 2, 3)
+    with caplog.at_level("WARNING", logger="openmm_flowpert"):
+        out = _native._on_device(broken, lambda: cpu, torch.device("meta"))
+    assert out.device.type == "meta" and out.shape == cpu.shape
+    assert "no kernel image" in _native.cuda_error and "drawing on the CPU" in caplog.text
+    calls = []
+    _native._on_device(lambda: calls.append(1), lambda: cpu, torch.device("meta"))
+    assert not calls  # not tried again
+    def other():
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(_native, "cuda_error", None)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _native._on_device(other, lambda: cpu, torch.device("meta"))
+    assert _native.cuda_error is None
+
+
+def _cpu_and_cuda_draws(device):
+    """The same calls of a CPU and a device Noise: (cpu results, device results)."""
+    out = []
+    for dev in ("cpu", device):
+        nz = Noise(21, stream=5, offset=3, device=dev)
+        w = torch.randn(300, 51, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dev)
+        k = (torch.arange(300) % 52).to(dev)
+        out.append([nz.gaussian(257, 99), nz.gaussian(64, 99, n_particles=33, sets=3), nz.uniform(1001),
+                    nz.chi(513, 41), nz.partial_redraw(w, k)[0], nz.partial_redraw(w, 3)[0],
+                    nz.gaussian(5, 6, device="cpu")])
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_noise_on_cuda_matches_cpu():
+    cpu, dev = _cpu_and_cuda_draws("cuda")
+    for i, (a, b) in enumerate(zip(cpu, dev)):
+        assert a.device.type == "cpu" and b.device.type == ("cpu" if i == len(cpu) - 1 else "cuda")
+        assert torch.equal(a, b.cpu()), i
+
+
 @needs_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
@@ -305,11 +417,11 @@ def test_cuda_matches_cpu():
         pytest.skip("library built without CUDA kernels")
     op, dev = torch.ops.flowpert, torch.device("cuda")
     assert torch.equal(op.gaussian(257, 99, 33, 1, 2, 3, dev).cpu(), op.gaussian(257, 99, 33, 1, 2, 3))
-    u, r = op.directions(64, 30, 10, 1, 2, 3, dev)
-    uc, rc = op.directions(64, 30, 10, 1, 2, 3)
-    assert torch.allclose(u.cpu(), uc, atol=1e-15) and torch.allclose(r.cpu(), rc, rtol=1e-15)
+    for args in [(64, 30, 10, 1, 2, 3), (513, 41, 0, 1, 2, 3)]:
+        u, r = op.directions(*args, dev)
+        uc, rc = op.directions(*args)
+        assert torch.equal(u.cpu(), uc) and torch.equal(r.cpu(), rc)
     assert torch.equal(op.uniform(1001, 1, 2, 3, dev).cpu(), op.uniform(1001, 1, 2, 3))
     w, k = torch.randn(300, 50, dtype=torch.float64), torch.arange(300) % 51
     assert torch.equal(op.partial_redraw(w.to(dev), k.to(dev), 4, 5, 6).cpu(), op.partial_redraw(w, k, 4, 5, 6))
-    zm = w + 0.01
-    assert torch.allclose(op.log_stretch(w.to(dev), zm.to(dev), 0.1).cpu(), op.log_stretch(w, zm, 0.1), rtol=1e-14)
+    assert noise.kernel_path("cuda") == "native-cuda"

@@ -88,3 +88,27 @@ def test_seed_replica_exchange_makes_numba_swaps_reproducible():
     assert not np.array_equal(a, mix(12))
     plain = [tuple(mix(None)) for _ in range(4)]
     assert len(set(plain)) > 1  # np.random.seed does not reach numba's generator (why the helper exists)
+
+
+def test_run_replica_exchange_resumes_and_refuses_other_settings(ala, ala_flow, tmp_path):
+    """The library's one replica exchange (openmmtools ParallelTemperingSampler): frames by state,
+    resume from its storage, and a one-line refusal of a storage made with other settings."""
+    from openmm_flowpert.samplers.replica_exchange import geometric_temperatures, run_replica_exchange
+
+    x0 = np.asarray(ala.positions.value_in_unit(unit.nanometer))
+    temps = geometric_temperatures(300.0, 400.0, 3)
+    storage = str(tmp_path / "rex.nc")
+    kw = dict(flow=ala_flow.path, md_steps=10, n_proposals=3, seed=4, progress=False, read_states=(0, 2))
+    first = run_replica_exchange(ala.system, x0, temps, 2, storage, **kw)
+    assert first.positions[0].shape == (2, 22, 3) and first.positions[2].shape == (2, 22, 3)
+    assert first.reduced_energies.shape == (3, 2) and np.isfinite(first.reduced_energies).all()
+    assert first.move_statistics["n_proposed"] == 2 * 3      # the target state's move: 3 per iteration
+    resumed = run_replica_exchange(ala.system, x0, temps, 4, storage, **kw)
+    assert resumed.positions[0].shape == (4, 22, 3)
+    np.testing.assert_array_equal(resumed.positions[0][:2], first.positions[0])
+    assert resumed.move_statistics["n_proposed"] == 4 * 3
+    for change in ({"seed": 5}, {"md_steps": 11}, {"flow": None}):
+        with pytest.raises(ValueError, match="other settings"):
+            run_replica_exchange(ala.system, x0, temps, 5, storage, **{**kw, **change})
+    with pytest.raises(ValueError, match="other settings"):
+        run_replica_exchange(ala.system, x0, temps[:2], 5, storage, **kw)

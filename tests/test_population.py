@@ -15,13 +15,14 @@ from openmm_flowpert.samplers import sigmoid_schedule
 
 from conftest import standard_error_of_chain_means
 
-SMC = dict(n_walkers=128, n_steps=60, k=(10, 2), k_eps=(10, 2), sweeps=2)
+SMC = dict(n_walkers=128, n_annealing_steps=60, k=(10, 2), k_eps=(10, 2), sweeps=2)
 
 
 def _smc_runs(gmm, flow, estimator, seeds=(0, 1, 2, 3), **kw):
     out = []
     for seed in seeds:
-        r = fp.FlowPerturbationSMC(flow, gmm.energy, estimator=estimator, seed=seed, **{**SMC, **kw}).run(progress=False)
+        r = fp.FlowPerturbationSMC(flow, gmm.energy, estimator=estimator, seed=seed,
+                                   **{**SMC, **kw}).run(progress=False)
         out.append((r.estimate((r.x[:, 0] < 0).double()), r.log_z, r.acceptance[-1], r.n_ancestors))
     a = np.asarray(out)
     n = len(seeds)
@@ -70,9 +71,9 @@ def test_checkpoint_resume_is_identical(gmm, gmm_flow, tmp_path):
     fp.LatentMC(gmm_flow, gmm.energy, n_walkers=32, seed=2, checkpoint=ck, checkpoint_every=2).run(5)
     resumed = fp.LatentMC(gmm_flow, gmm.energy, n_walkers=32, seed=2, checkpoint=ck)
     assert resumed.iteration == 5
-    assert torch.equal(resumed.run(8), ref) and torch.equal(resumed.state["x"], full.state["x"])
+    assert torch.equal(resumed.run(8), ref) and torch.equal(resumed.state.x, full.state.x)
 
-    kw = dict(n_walkers=32, n_steps=6, k=(5, 2), k_eps=(5, 2), seed=3)
+    kw = dict(n_walkers=32, n_annealing_steps=6, k=(5, 2), k_eps=(5, 2), seed=3)
     a = fp.FlowPerturbationSMC(gmm_flow, gmm.energy, **kw).run(progress=False)
     ck2 = str(tmp_path / "smc.pt")
     calls = []
@@ -88,7 +89,7 @@ def test_checkpoint_resume_is_identical(gmm, gmm_flow, tmp_path):
     assert torch.load(ck2, weights_only=False)["step"] == 4
     b = fp.FlowPerturbationSMC(gmm_flow, gmm.energy, checkpoint=ck2, **kw).run(progress=False)
     assert torch.equal(a.x, b.x) and torch.equal(a.weights, b.weights) and a.log_z == b.log_z
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match="other settings"):
         fp.FlowPerturbationSMC(gmm_flow, gmm.energy, checkpoint=ck2, **{**kw, "seed": 4}).run(progress=False)
 
 
@@ -99,7 +100,7 @@ def test_smc_on_openmm_energies(gmm_system, gmm_system_flow):
     from openmm_flowpert.energies import ReducedPotential
 
     rp = ReducedPotential(gmm_system.system, 300.0)
-    kw = dict(n_walkers=128, n_steps=40, k=(12, 2), k_eps=(12, 2), sweeps=2)
+    kw = dict(n_walkers=128, n_annealing_steps=40, k=(12, 2), k_eps=(12, 2), sweeps=2)
     res = {}
     for est in ("fp", "hutchinson"):
         runs = [fp.FlowPerturbationSMC(gmm_system_flow, rp, estimator=est, seed=s, **kw).run(progress=False)

@@ -84,30 +84,3 @@ extern "C" __global__ void fp_partial_redraw(double* out, const long long* kk, u
     y[t] = fp::normal_at(key, (u32)row, t);
   }
 }
-
-template <typename T>
-__device__ void log_stretch_rows(const T* a, const T* c, double* out, long long rows, long long dim,
-                                 double log_den) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const T* ar = a + row * dim;
-  const T* cr = c + row * dim;
-  double s = 0.0;
-  for (long long j = lane; j < dim; j += 32) {
-    const double t = (double)ar[j] - (double)cr[j];
-    s += t * t;
-  }
-  s = warp_tree(s);
-  if (lane == 0) out[row] = 0.5 * log(s) - log_den;
-}
-
-extern "C" __global__ void fp_log_stretch_f64(const double* a, const double* c, double* out, long long rows,
-                                              long long dim, double log_den) {
-  log_stretch_rows(a, c, out, rows, dim, log_den);
-}
-
-extern "C" __global__ void fp_log_stretch_f32(const float* a, const float* c, double* out, long long rows,
-                                              long long dim, double log_den) {
-  log_stretch_rows(a, c, out, rows, dim, log_den);
-}

@@ -7,7 +7,6 @@
 #include <cuda_runtime_api.h>
 #include <torch/types.h>
 
-#include <cmath>
 #include <mutex>
 
 #include "flowpert_cuda_images.h"  // generated: cubins + PTX
@@ -23,9 +22,8 @@ namespace {
     TORCH_CHECK(err_ == cudaSuccess, "flowpert CUDA: ", #expr, ": ", cudaGetErrorString(err_)); \
   } while (0)
 
-enum Kernel { K_GAUSSIAN, K_UNIFORM, K_REDRAW, K_STRETCH64, K_STRETCH32, K_COUNT };
-const char* const kNames[K_COUNT] = {"fp_gaussian", "fp_uniform", "fp_partial_redraw", "fp_log_stretch_f64",
-                                     "fp_log_stretch_f32"};
+enum Kernel { K_GAUSSIAN, K_UNIFORM, K_REDRAW, K_COUNT };
+const char* const kNames[K_COUNT] = {"fp_gaussian", "fp_uniform", "fp_partial_redraw"};
 constexpr int kMaxDevices = 64;
 
 struct Loaded {
@@ -119,23 +117,6 @@ at::Tensor partial_redraw_cuda(const at::Tensor& w, const at::Tensor& k, Draw d)
   fp::u32* tp = reinterpret_cast<fp::u32*>(taken.data_ptr<int32_t>());
   void* args[] = {&o, &kp, &tp, &rows, &dim, &words, &key.k0, &key.k1, &key.c2, &key.c3};
   launch(w.device().index(), K_REDRAW, rows, 128, args);
-  return out;
-}
-
-at::Tensor log_stretch_cuda(const at::Tensor& zp_in, const at::Tensor& zm_in, double two_eps) {
-  const c10::cuda::CUDAGuard guard(zp_in.device());
-  TORCH_CHECK(zp_in.scalar_type() == at::kDouble || zp_in.scalar_type() == at::kFloat,
-              "flowpert.log_stretch (CUDA): float32 or float64 inputs");
-  at::Tensor zp = zp_in.contiguous(), zm = zm_in.contiguous();
-  long long rows = zp.size(0), dim = zp.size(1);
-  at::Tensor out = at::empty({rows}, zp.options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  double log_den = std::log(two_eps);
-  const void* a = zp.data_ptr();
-  const void* c = zm.data_ptr();
-  void* args[] = {&a, &c, &o, &rows, &dim, &log_den};
-  launch(zp.device().index(), zp.scalar_type() == at::kDouble ? K_STRETCH64 : K_STRETCH32, rows * 32,
-         32 * kRowsPerBlock, args);
   return out;
 }
 

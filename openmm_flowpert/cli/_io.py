@@ -10,10 +10,6 @@ import numpy as np
 from .._files import atomic_write
 
 
-def _atomic(path: str, suffix: str, write) -> None:
-    atomic_write(path, write, suffix)
-
-
 def write_trajectory(path: str, positions: np.ndarray, topology, time_ps: Optional[np.ndarray] = None) -> str:
     """Write positions (n, N, 3) nm as ``path`` (.dcd, or .h5 if PyTables is installed) plus a PDB
     topology next to it (same name, .pdb). Returns the topology path."""
@@ -24,9 +20,9 @@ def write_trajectory(path: str, positions: np.ndarray, topology, time_ps: Option
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".dcd", ".h5", ".xtc", ".nc"):
         raise ValueError(f"trajectory file {path!r}: use a .dcd, .xtc, .nc or .h5 name")
-    _atomic(path, ext, lambda tmp: traj.save(tmp, force_overwrite=True))
+    atomic_write(path, lambda tmp: traj.save(tmp, force_overwrite=True), ext)
     pdb = os.path.splitext(path)[0] + ".pdb"
-    _atomic(pdb, ".pdb", lambda tmp: traj[0].save_pdb(tmp, force_overwrite=True))
+    atomic_write(pdb, lambda tmp: traj[0].save_pdb(tmp, force_overwrite=True), ".pdb")
     return pdb
 
 
@@ -62,4 +58,4 @@ def write_json(path: str, data: dict) -> None:
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=1, default=float)
 
-    _atomic(path, ".json", dump)
+    atomic_write(path, dump, ".json")

@@ -4,15 +4,15 @@ Stages, each reading the previous ones' files under OUT/ and safe to re-run (int
 exchange, training and SMC resume from their checkpoints):
 
   system  build CLN025 (5awl + pdbfixer hydrogens, amber14 + OBC2, 166 atoms), minimize -> system/
-  data    replica-exchange MD (openmmtools ReplicaExchangeSampler), frames at the target -> data/
+  data    replica-exchange MD (openmmtools ParallelTemperingSampler), frames at the target -> data/
   train   the internal-coordinate flow and the Cartesian-MLP flow -> flows/
   smc     flow-perturbation SMC with the internal-coordinate flow -> smc/
   rex     replica exchange with hybrid MD + flow-perturbation moves -> rex/
   report  folded fraction (C-alpha distance Tyr1-Trp9 < 0.75 nm) and RMSD to the crystal of every
           run against the replica-exchange reference; plots -> report/
 
-``--scale smoke`` runs everything on a CPU in well under a minute (numbers meaningless, every file
-written); ``--scale cpu`` in about 15 minutes on one core (real numbers, short runs);
+``--scale smoke`` runs everything on a CPU at toy size (numbers meaningless, every file written);
+``--scale cpu`` runs short real runs on one core (timings: docs/benchmarks.md section 9);
 ``--scale full`` is the GPU protocol of examples/chignolin/README.md.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Dict
 
 import numpy as np
 
-from .sample import mpi_comm as _mpi_comm
+from ..samplers.replica_exchange import mpi_comm as _mpi_comm
 
 STAGES = ("system", "data", "train", "smc", "rex", "report")
 MPI_STAGES = ("data", "rex")   # the stages that may run under mpiexec (openmmtools replica exchange)
@@ -40,27 +40,27 @@ FOLDED_BELOW_NM = 0.75
 PRESETS: Dict[str, dict] = {
     "smoke": {
         "temperatures": "300:400:4", "re_iterations": 24, "re_md_steps": 50,
-        "internal": dict(hidden=64, n_layers=2, n_steps=4, epochs=3, batch_size=32),
-        "cartesian": dict(hidden=64, n_layers=2, n_steps=4, epochs=3, batch_size=32),
-        "smc": dict(n_walkers=16, n_steps=5, sweeps=1, k=(16, 2), k_eps=(16, 2)),
+        "internal": dict(hidden=64, n_layers=2, n_steps=4, epochs=3, batch_size=32, lr=2e-3, ema=0.995),
+        "cartesian": dict(hidden=64, n_layers=2, n_steps=4, epochs=3, batch_size=32, lr=2e-3, ema=0.995),
+        "smc": dict(n_walkers=16, n_annealing_steps=5, sweeps=1, k=(16, 2), k_eps=(16, 2)),
         "rex": dict(iterations=3, md_steps=20, proposals=2),
         "proposals_for_plots": 32,
     },
     "cpu": {
-        # about 15 minutes on one core: 100 ps per replica, a small flow, 128 SMC walkers
+        # docs/benchmarks.md section 9: 100 ps per replica, a small flow, 128 SMC walkers
         "temperatures": "300:450:4", "re_iterations": 1000, "re_md_steps": 100,
-        "internal": dict(hidden=256, n_layers=3, n_steps=12, epochs=60, batch_size=128),
-        "cartesian": dict(hidden=256, n_layers=3, n_steps=12, epochs=60, batch_size=128),
-        "smc": dict(n_walkers=128, n_steps=100, sweeps=1, k=(100, 2), k_eps=(100, 2)),
+        "internal": dict(hidden=256, n_layers=3, n_steps=12, epochs=60, batch_size=128, lr=2e-3, ema=0.995),
+        "cartesian": dict(hidden=256, n_layers=3, n_steps=12, epochs=60, batch_size=128, lr=2e-3, ema=0.995),
+        "smc": dict(n_walkers=128, n_annealing_steps=100, sweeps=1, k=(100, 2), k_eps=(100, 2)),
         "rex": dict(iterations=200, md_steps=100, proposals=8),
         "proposals_for_plots": 256,
     },
     "full": {
         # 40,000 iterations x 250 fs = 10 ns per replica, 40,000 frames at 300 K (the paper: 160,000).
         "temperatures": "300:450:8", "re_iterations": 40000, "re_md_steps": 250,
-        "internal": dict(hidden=512, n_layers=4, n_steps=20, epochs=500, batch_size=512),
-        "cartesian": dict(hidden=1024, n_layers=4, n_steps=20, epochs=500, batch_size=512),
-        "smc": dict(n_walkers=4000, n_steps=15000, sweeps=2, k=(100, 2), k_eps=(100, 2)),
+        "internal": dict(hidden=512, n_layers=4, n_steps=20, epochs=500, batch_size=512, lr=2e-3, ema=0.995),
+        "cartesian": dict(hidden=1024, n_layers=4, n_steps=20, epochs=500, batch_size=512, lr=2e-3, ema=0.995),
+        "smc": dict(n_walkers=4000, n_annealing_steps=15000, sweeps=2, k=(100, 2), k_eps=(100, 2)),
         "rex": dict(iterations=5000, md_steps=500, proposals=16),
         "proposals_for_plots": 2000,
     },
@@ -105,7 +105,7 @@ def _preset(args) -> dict:
     if getattr(args, "walkers", None):
         preset["smc"]["n_walkers"] = args.walkers
     if getattr(args, "smc_steps", None):
-        preset["smc"]["n_steps"] = args.smc_steps
+        preset["smc"]["n_annealing_steps"] = args.smc_steps
     if getattr(args, "rex_iterations", None):
         preset["rex"]["iterations"] = args.rex_iterations
     return preset
@@ -176,31 +176,16 @@ def _system(args, preset=None):
     return args._cln025
 
 
-def _set_openmmtools_platform(args) -> None:
-    if args.platform:
-        import openmm
-        from openmmtools import cache
-
-        cache.global_context_cache.platform = openmm.Platform.getPlatformByName(args.platform)
-
-
-def _sample_args(args, out, temperatures, iterations, md_steps, proposals, flow):
-    return argparse.Namespace(system="cln025", forcefield=None, flow=flow, out=out, temperatures=temperatures,
-                              iterations=iterations, minutes=None, md_steps=md_steps, proposals=proposals,
-                              estimator="fp++", plain_md=flow is None, seed=args.seed,
-                              device=None if args.device == "cpu" else args.device)
-
-
 def _replica_exchange(args, out, iterations, md_steps, proposals, flow):
-    from .sample import _replica_exchange as rex
+    from .sample import replica_exchange_outputs
     from .simulate import parse_temperatures
 
     ms = _system(args)
-    spec = _temperatures(args)
-    temps = parse_temperatures(spec)
-    _set_openmmtools_platform(args)
+    temps = parse_temperatures(_temperatures(args))
     t0 = time.time()
-    rex(_sample_args(args, out, spec, iterations, md_steps, proposals, flow), ms, temps, flow)
+    os.makedirs(out, exist_ok=True)
+    replica_exchange_outputs(out, ms, temps, flow, iterations, md_steps, proposals, seed=args.seed,
+                             device=None if args.device == "cpu" else args.device, platform=args.platform)
     return time.time() - t0, temps
 
 
@@ -281,7 +266,7 @@ def _smc(args, preset) -> None:
     os.makedirs(_path(args, "smc"), exist_ok=True)
     smc = fp.FlowPerturbationSMC(flow, rp, estimator="fp", seed=args.seed,
                                  checkpoint=_path(args, "smc", "checkpoint.pt"),
-                                 checkpoint_every=max(1, preset["smc"]["n_steps"] // 20), **preset["smc"])
+                                 checkpoint_every=max(1, preset["smc"]["n_annealing_steps"] // 20), **preset["smc"])
     res = smc.run(progress=True)
     x = res.x.reshape(res.x.shape[0], ms.n_atoms, 3).numpy()
     w = res.weights.numpy()
@@ -290,7 +275,7 @@ def _smc(args, preset) -> None:
                  lambda tmp: np.savez(tmp, x=x, weights=w, log_w=res.log_w.numpy(), u=rp(x), **obs), suffix=".npz")
     write_trajectory(_path(args, "smc", "walkers.dcd"), x, ms.topology)
     folded = weighted_mean_and_se(obs["folded"], w)
-    summary = {"n_walkers": len(w), "n_steps": smc.n_steps, "estimator": "fp", "log_z": res.log_z,
+    summary = {"n_walkers": len(w), "n_annealing_steps": smc.n_annealing_steps, "estimator": "fp", "log_z": res.log_z,
                "final_ess": float(res.ess[-1]) if len(res.ess) else None,
                "mean_acceptance": float(np.nanmean(res.acceptance)), "final_acceptance": float(res.acceptance[-1]),
                "n_resampled": res.n_resampled, "n_ancestors": res.n_ancestors, "wall_time_s": res.wall_time_s,
@@ -298,7 +283,7 @@ def _smc(args, preset) -> None:
                "ca_distance_nm": weighted_mean_and_se(obs["ca_distance_nm"], w)}
     write_json(_path(args, "smc", "summary.json"), summary)
     plots.smc_traces(_path(args, "smc", "traces.png"), res.b, res.ess, res.acceptance)
-    print(f"SMC: {len(w)} walkers x {smc.n_steps} steps, mean acceptance {summary['mean_acceptance']:.3f}, "
+    print(f"SMC: {len(w)} walkers x {smc.n_annealing_steps} steps, mean acceptance {summary['mean_acceptance']:.3f}, "
           f"{res.n_ancestors} ancestors, folded {folded[0]:.3f} +- {folded[1]:.3f}")
 
 
@@ -325,10 +310,34 @@ def _rex(args, preset) -> None:
                       _path(args, "flows", "internal.pt"))
 
 
+def _run_table(runs: dict, weights: dict) -> dict:
+    """Folded fraction and RMSD (mean, SE) of every run, and its z against the MD reference."""
+    from ..analysis import mean_and_se, weighted_mean_and_se
+
+    table = {}
+    for label, obs in runs.items():
+        if label in weights:
+            m, se = weighted_mean_and_se(obs["folded"], weights[label])
+            r = weighted_mean_and_se(obs["rmsd_nm"], weights[label])
+            table[label] = {"folded_fraction": [m, se], "rmsd_nm": list(r), "n": int(len(obs["folded"])),
+                            "se_note": "importance-weight SE (lower bound: walkers share ancestors)"}
+        else:
+            m, se, g = mean_and_se(obs["folded"])
+            r = mean_and_se(obs["rmsd_nm"])
+            table[label] = {"folded_fraction": [m, se], "rmsd_nm": [r[0], r[1]], "n": int(len(obs["folded"])),
+                            "statistical_inefficiency": g}
+    ref = table.get("replica exchange (MD)")
+    if ref:
+        for label, row in table.items():
+            diff = row["folded_fraction"][0] - ref["folded_fraction"][0]
+            se = float(np.hypot(row["folded_fraction"][1], ref["folded_fraction"][1]))
+            row["vs_reference"] = {"difference": diff, "z": diff / se if se > 0 else None}
+    return table
+
+
 def _report(args, preset) -> None:
     import openmm_flowpert as fp
 
-    from ..analysis import mean_and_se, weighted_mean_and_se
     from ..energies import ReducedPotential
     from . import plots
     from ._io import read_trajectory, write_json
@@ -362,24 +371,7 @@ def _report(args, preset) -> None:
         if os.path.exists(f):
             flows[kind] = _flow_quality(fp.PerturbedFlow.load(f), rp, preset["proposals_for_plots"], args.seed)
             energies[f"{kind} flow proposals"] = flows[kind].pop("u")
-    table = {}
-    for label, obs in runs.items():
-        if label in weights:
-            m, se = weighted_mean_and_se(obs["folded"], weights[label])
-            r = weighted_mean_and_se(obs["rmsd_nm"], weights[label])
-            table[label] = {"folded_fraction": [m, se], "rmsd_nm": list(r), "n": int(len(obs["folded"])),
-                            "se_note": "importance-weight SE (lower bound: walkers share ancestors)"}
-        else:
-            m, se, g = mean_and_se(obs["folded"])
-            r = mean_and_se(obs["rmsd_nm"])
-            table[label] = {"folded_fraction": [m, se], "rmsd_nm": [r[0], r[1]], "n": int(len(obs["folded"])),
-                            "statistical_inefficiency": g}
-    ref = table.get("replica exchange (MD)")
-    if ref:
-        for label, row in table.items():
-            diff = row["folded_fraction"][0] - ref["folded_fraction"][0]
-            se = float(np.hypot(row["folded_fraction"][1], ref["folded_fraction"][1]))
-            row["vs_reference"] = {"difference": diff, "z": diff / se if se > 0 else None}
+    table = _run_table(runs, weights)
     out = _path(args, "report")
     write_json(os.path.join(out, "report.json"), {
         "observable": {"ca_pair_residues_0based": list(CA_PAIR), "folded_below_nm": FOLDED_BELOW_NM,

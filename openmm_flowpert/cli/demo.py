@@ -46,7 +46,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.gmm:
         return run_gmm(args)
-    import numpy as np
 
     import openmm_flowpert as fp
     from openmm_flowpert.analysis import backbone_dihedrals, phi_populations
@@ -110,7 +109,6 @@ def run(args) -> int:
 
 
 def run_gmm(args) -> int:
-    import torch
 
     import openmm_flowpert as fp
     from openmm_flowpert.testsystems import GaussianMixtureTarget
@@ -121,7 +119,8 @@ def run_gmm(args) -> int:
     print(f"Target: two-well Gaussian mixture, d = {args.dim}, weights 1/4 : 3/4 (exact P(x0 < 0) = {exact:.4f})")
     print(f"Training data: {args.samples} exact samples drawn 50/50 from the two wells")
     flow = fp.train_flow(gmm.sample(args.samples, seed=args.seed + 1, weights=(0.5, 0.5)), epochs=args.epochs,
-                         hidden=64, n_layers=3, n_steps=16, seed=args.seed, progress=True)
+                         hidden=64, n_layers=3, n_steps=16, lr=2e-3, ema=0.995, patience=20, seed=args.seed,
+                         progress=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gmm_flow.pt")
     flow.save(path)

@@ -1,12 +1,11 @@
 """Figures of the command line (matplotlib, Agg backend, PNG written atomically)."""
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._io import _atomic
+from .._files import atomic_write
 
 
 def _figure(*args, **kw):
@@ -21,7 +20,7 @@ def _figure(*args, **kw):
 def _save(plt, fig, path: str, tight: bool = True) -> str:
     if tight:
         fig.tight_layout()
-    _atomic(path, ".png", lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"), ".png")
     plt.close(fig)
     return path
 

@@ -1,7 +1,7 @@
 """``flowpert sample``: unbiased sampling with hybrid MD + flow-perturbation MC through openmmtools.
 
 One temperature: an MCMC loop (Langevin MD segment, then a FlowPerturbationMove) per iteration.
-Several temperatures (``--temperatures``): openmmtools' ReplicaExchangeSampler with the same moves
+Several temperatures (``--temperatures``): openmmtools' ParallelTemperingSampler with the same moves
 (run under mpiexec to distribute replicas). Writes to OUT/: trajectory.dcd (+ .pdb topology) of the
 target temperature, energies.csv, summary.json and plots. Running the same command again continues
 an interrupted run from its checkpoint.
@@ -33,15 +33,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def bundled_flow(system_name: str):
-    """Path of the flow shipped for a built-in system, or None."""
-    from ..systems import bundled_flow as _bundled
-
-    return _bundled(system_name)
-
-
 def run(args) -> int:
-    from ..systems import get_system
+    from ..systems import bundled_flow, get_system
 
     temps = parse_temperatures(args.temperatures)
     ms = get_system(args.system, args.forcefield)
@@ -56,14 +49,21 @@ def run(args) -> int:
     return _replica_exchange(args, ms, temps, flow)
 
 
-def _summary_and_plots(args, ms, temperature, positions, energies, accepted, proposed, extra):
+def write_outputs(out: str, ms, temperature: float, positions, energies, accepted, proposed, extra: dict,
+                  flow=None, seed: int = 0) -> dict:
+    """trajectory.dcd, energies.csv, plots and summary.json of a run at ``temperature`` (K) in ``out``.
+
+    ``positions`` (n, N, 3) nm, ``energies`` (n,) reduced (kT), ``accepted`` / ``proposed`` (n,)
+    flow-move counts per iteration; ``flow``: the flow file of the moves (None for plain MD).
+    Returns the summary dict.
+    """
     import numpy as np
 
     from ..analysis import backbone_dihedrals, mean_and_se, phi_populations
     from . import plots
     from ._io import write_json, write_trajectory
 
-    write_trajectory(os.path.join(args.out, "trajectory.dcd"), positions, ms.topology)
+    write_trajectory(os.path.join(out, "trajectory.dcd"), positions, ms.topology)
     import csv
 
     def write_csv(tmp):
@@ -73,12 +73,12 @@ def _summary_and_plots(args, ms, temperature, positions, energies, accepted, pro
             for i, (u, a, p) in enumerate(zip(energies, accepted, proposed)):
                 w.writerow([i + 1, f"{u:.6f}", int(a), int(p)])
 
-    from ._io import _atomic
+    from .._files import atomic_write
 
-    _atomic(os.path.join(args.out, "energies.csv"), ".csv", write_csv)
+    atomic_write(os.path.join(out, "energies.csv"), write_csv, suffix=".csv")
     m, se, g = mean_and_se(energies)
     summary = {"system": ms.name, "temperature_K": temperature, "iterations": len(energies),
-               "flow": None if args.plain_md else os.path.abspath(args.flow or bundled_flow(args.system)),
+               "flow": None if flow is None else os.path.abspath(flow),
                "acceptance": float(np.sum(accepted) / max(np.sum(proposed), 1)) if np.sum(proposed) else None,
                "n_accepted": int(np.sum(accepted)), "n_proposed": int(np.sum(proposed)),
                "mean_reduced_energy": [m, se], "statistical_inefficiency_energy": g}
@@ -89,12 +89,12 @@ def _summary_and_plots(args, ms, temperature, positions, energies, accepted, pro
 
         from ..energies import ReducedPotential
 
-        flow = fp.PerturbedFlow.load(args.flow or bundled_flow(args.system))
-        curves = {"flow proposals": ReducedPotential(ms.system, temperature)(flow.sample(500, seed=args.seed)),
+        proposals = fp.PerturbedFlow.load(flow).sample(500, seed=seed)
+        curves = {"flow proposals": ReducedPotential(ms.system, temperature)(proposals),
                   "samples (MD + accepted flow moves)": energies}
-    plots.energy_histograms(os.path.join(args.out, "energies.png"), curves, temperature)
+    plots.energy_histograms(os.path.join(out, "energies.png"), curves, temperature)
     if np.sum(proposed):
-        plots.acceptance_over_time(os.path.join(args.out, "acceptance.png"), accepted, proposed)
+        plots.acceptance_over_time(os.path.join(out, "acceptance.png"), accepted, proposed)
     try:
         phi, psi = backbone_dihedrals(positions, ms.topology)
     except ValueError:
@@ -106,8 +106,8 @@ def _summary_and_plots(args, ms, temperature, positions, energies, accepted, pro
             label = "this run"
         else:
             label = f"this run ({phi.shape[1]} residues pooled)"
-        plots.ramachandran(os.path.join(args.out, "ramachandran.png"), {label: (phi.ravel(), psi.ravel())})
-    write_json(os.path.join(args.out, "summary.json"), summary)
+        plots.ramachandran(os.path.join(out, "ramachandran.png"), {label: (phi.ravel(), psi.ravel())})
+    write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
@@ -117,90 +117,45 @@ def _single(args, ms, temperature, flow) -> int:
     res = run_hybrid(ms.system, ms.positions, temperature, flow, n_iterations=args.iterations,
                      seconds=None if args.minutes is None else 60.0 * args.minutes, md_steps=args.md_steps,
                      n_proposals=args.proposals, estimator=args.estimator, seed=args.seed,
-                     checkpoint=os.path.join(args.out, "checkpoint.npz"), checkpoint_every=25, progress=True,
-                     device=getattr(args, "device", None))
-    s = _summary_and_plots(args, ms, temperature, res.positions, res.reduced_energies, res.accepted, res.proposed,
-                           {"wall_time_s": float(res.wall_times[-1]) if len(res) else 0.0,
-                            "md_steps_per_iteration": args.md_steps})
+                     checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=25, progress=True,
+                     device=args.device)
+    s = write_outputs(args.out, ms, temperature, res.positions, res.reduced_energies, res.accepted, res.proposed,
+                      {"wall_time_s": float(res.wall_times[-1]) if len(res) else 0.0,
+                       "md_steps_per_iteration": args.md_steps}, flow=flow, seed=args.seed)
     _print_summary(s)
     return 0
 
 
-def mpi_comm():
-    """The MPI communicator when running under mpiexec (None otherwise; mpi4py is imported only then)."""
-    import mpiplus
+def replica_exchange_outputs(out: str, ms, temps, flow, iterations: int, md_steps: int, proposals: int,
+                             estimator: str = "fp++", seed: int = 0, device=None, platform=None) -> None:
+    """Run (or resume) replica exchange into ``out``/replica_exchange.nc and write the target
+    temperature's outputs there (rank 0 only under MPI); temperatures in K."""
+    import numpy as np
 
-    return mpiplus.get_mpicomm()
+    from ..samplers.replica_exchange import run_replica_exchange
+
+    storage = os.path.join(out, "replica_exchange.nc")
+    if os.path.exists(storage):
+        print(f"resuming replica exchange from {storage}")
+    res = run_replica_exchange(ms.system, ms.positions, temps, iterations, storage, flow=flow, md_steps=md_steps,
+                               n_proposals=proposals, estimator=estimator, seed=seed, device=device,
+                               platform=platform)
+    if res is None:
+        return   # not rank 0: rank 0 holds the storage and writes the outputs
+    us = res.reduced_energies[0]
+    acc, prop = np.zeros(len(us), dtype=int), np.zeros(len(us), dtype=int)
+    stats = res.move_statistics
+    if stats.get("n_proposed") and len(us):
+        acc[-1], prop[-1] = stats["n_accepted"], stats["n_proposed"]
+    s = write_outputs(out, ms, temps[0], res.positions[0], us, acc, prop,
+                      {"temperatures_K": temps, "move_statistics": stats, "storage": storage,
+                       "swap_acceptance": res.swap_acceptance.tolist()}, flow=flow, seed=seed)
+    _print_summary(s)
 
 
 def _replica_exchange(args, ms, temps, flow) -> int:
-    import numpy as np
-    from openmm import unit
-    from openmmtools import mcmc, multistate, states  # (flowpert's main() has imported pymbar quietly)
-
-    from ..moves import FlowPerturbationMove
-    from ..moves.langevin import SeededLangevinDynamicsMove
-    from ..moves.replica_rng import seed_replica_exchange
-
-    storage = os.path.join(args.out, "replica_exchange.nc")
-    if os.path.exists(storage):
-        reporter = multistate.MultiStateReporter(storage, open_mode="a", checkpoint_interval=1)
-        sampler = multistate.ReplicaExchangeSampler.from_storage(reporter)
-        if sampler.iteration < args.iterations:
-            print(f"resuming replica exchange at iteration {sampler.iteration}")
-    else:
-        moves = [SeededLangevinDynamicsMove(seed=args.seed, timestep=1.0 * unit.femtosecond,
-                                            collision_rate=1.0 / unit.picosecond, n_steps=args.md_steps,
-                                            reassign_velocities=False)]
-        if flow is not None:
-            moves.append(FlowPerturbationMove(flow, n_proposals=args.proposals, estimator=args.estimator,
-                                              prior_scale="sqrt(T/T0)", seed=args.seed, reassign_velocities=False,
-                                              device=getattr(args, "device", None)))
-        thermo = [states.ThermodynamicState(ms.system, t * unit.kelvin) for t in temps]
-        start = [states.SamplerState(ms.positions * unit.nanometer) for _ in temps]
-        sampler = multistate.ReplicaExchangeSampler(mcmc_moves=mcmc.SequenceMove(moves),
-                                                    number_of_iterations=args.iterations)
-        reporter = multistate.MultiStateReporter(storage, checkpoint_interval=1)
-        sampler.create(thermodynamic_states=thermo, sampler_states=start, storage=reporter)
-    from tqdm.auto import tqdm
-
-    comm = mpi_comm()   # under mpiexec openmmtools spreads the replicas over the ranks
-    root = comm is None or comm.rank == 0
-    with tqdm(total=args.iterations, initial=sampler.iteration, desc="replica exchange", unit="it",
-              disable=not root) as bar:
-        while sampler.iteration < args.iterations:
-            seed_replica_exchange(args.seed, sampler.iteration)  # resumed runs swap like uninterrupted ones
-            sampler.extend(1)
-            bar.update(1)
-            seq = sampler.mcmc_moves[0]
-            if isinstance(seq, mcmc.SequenceMove) and len(seq.move_list) > 1:
-                st = seq.move_list[1].statistics
-                bar.set_postfix(acceptance=f"{st['n_accepted'] / max(st['n_proposed'], 1):.3f}")
-    stats = {}
-    move = sampler.mcmc_moves[0]
-    if isinstance(move, mcmc.SequenceMove) and len(move.move_list) > 1:
-        stats = move.move_list[1].statistics
-    # (openmmtools syncs the moves' statistics to every rank after each propagation)
-    reporter.close()
-    if not root:
-        return 0   # rank 0 holds the storage and writes the outputs
-    rep = multistate.MultiStateReporter(storage, open_mode="r")
-    replica_states = rep.read_replica_thermodynamic_states()
-    energies_all = rep.read_energies()[0]  # (n_iter + 1, n_replicas, n_states) reduced
-    xs, us = [], []
-    for it in range(1, replica_states.shape[0]):
-        r = int(np.where(replica_states[it] == 0)[0][0])
-        xs.append(rep.read_sampler_states(it)[r].positions.value_in_unit(unit.nanometer))
-        us.append(float(energies_all[it, r, 0]))
-    rep.close()
-    n = len(us)
-    acc = np.zeros(n, dtype=int)
-    prop = np.zeros(n, dtype=int)
-    if stats.get("n_proposed"):
-        acc[-1], prop[-1] = stats["n_accepted"], stats["n_proposed"]
-    s = _summary_and_plots(args, ms, temps[0], np.asarray(xs), np.asarray(us), acc, prop,
-                           {"temperatures_K": temps, "move_statistics": stats, "storage": storage})
-    _print_summary(s)
+    replica_exchange_outputs(args.out, ms, temps, flow, args.iterations, args.md_steps, args.proposals,
+                             args.estimator, args.seed, args.device)
     return 0
 
 

@@ -1,7 +1,9 @@
-"""``flowpert simulate``: training data by Langevin MD or temperature replica exchange in OpenMM.
+"""``flowpert simulate``: training data by Langevin MD or temperature replica exchange (openmmtools).
 
 Writes OUT (a .dcd trajectory of the first, i.e. target, temperature), OUT's .pdb topology and a
-.json summary; with several temperatures also one trajectory per temperature (OUT_T<k>.dcd).
+.json summary; with several temperatures also one trajectory per temperature (OUT_T<k>.dcd). The
+run is stored in OUT's .nc file (openmmtools storage, one frame per iteration): running the same
+command again resumes an interrupted run from there.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 
 def parse_temperatures(text: str):
     """'300' | '300,350,400' | '300:600:8' (8 temperatures spaced geometrically) -> list of K."""
-    from ..simulate import geometric_temperatures
+    from ..samplers.replica_exchange import geometric_temperatures
 
     if ":" in text:
         lo, hi, n = text.split(":")
@@ -51,7 +53,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from ..simulate import replica_exchange
+    from ..samplers.replica_exchange import run_replica_exchange
     from ..systems import get_system
     from ._io import write_json, write_trajectory
 
@@ -63,9 +65,13 @@ def run(args) -> int:
     print(f"{ms.name}: {ms.n_atoms} atoms; {len(temps)} temperature(s) {', '.join(f'{t:.1f}' for t in temps)} K; "
           f"{n_frames} frames every {args.frame_ps} ps")
     t0 = time.time()
-    res = replica_exchange(ms.system, ms.positions, temps, n_frames, steps_per_swap=steps, equilibration_swaps=eq,
-                           timestep_fs=args.timestep_fs, friction=args.friction, seed=args.seed,
-                           platform=args.platform, progress=True)
+    storage = os.path.splitext(args.out)[0] + ".nc"
+    res = run_replica_exchange(ms.system, ms.positions, temps, eq + n_frames, storage, md_steps=steps,
+                               timestep_fs=args.timestep_fs, friction=args.friction, seed=args.seed,
+                               platform=args.platform, discard=eq, read_states=range(len(temps)),
+                               desc="MD" if len(temps) == 1 else "replica exchange")
+    if res is None:
+        return 0   # not MPI rank 0
     wall = time.time() - t0
     times = args.frame_ps * np.arange(1, n_frames + 1)
     top = write_trajectory(args.out, res.positions[0], ms.topology, times)
@@ -79,7 +85,7 @@ def run(args) -> int:
         "system": ms.name, "temperatures_K": temps, "trajectories": outs, "topology": top, "n_frames": n_frames,
         "frame_ps": args.frame_ps, "timestep_fs": args.timestep_fs, "friction_per_ps": args.friction,
         "swap_acceptance": res.swap_acceptance.tolist() if len(temps) > 1 else None, "wall_time_s": wall,
-        "seed": args.seed})
+        "seed": args.seed, "storage": storage})
     print(f"wrote {args.out} (+ {top}) in {wall:.0f} s")
     if len(temps) > 1:
         print(f"swap acceptance: {np.round(res.swap_acceptance, 2).tolist()}")

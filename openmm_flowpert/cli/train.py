@@ -13,28 +13,48 @@ import os
 from .simulate import add_system_arguments
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to each option's help, except where there is no default (None):
+    such options say what happens without them in their help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_training_arguments(p) -> None:
+    """One option per :class:`~openmm_flowpert.training.TrainingConfig` field (``n_layers`` ->
+    ``--n-layers``), with its default and help; former spellings (``--layers``, ``--batch``,
+    ``--steps``) still work but are not listed."""
+    from ..training import TrainingConfig
+
+    g = p.add_argument_group("training (the defaults of openmm_flowpert.train_flow)")
+    for name, spec in TrainingConfig.help().items():
+        kw = dict(type=spec["type"], default=spec["default"], help=spec["help"])
+        if "choices" in spec:
+            kw["choices"] = spec["choices"]
+        g.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
+        for alias in spec.get("aliases", ()):
+            g.add_argument(alias, dest=name, type=spec["type"], default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a flow on a trajectory", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..flow import TRANSFORMS
+
+    p = sub.add_parser("train", help="train a flow on a trajectory", description=__doc__, formatter_class=_Help)
     p.add_argument("--data", required=True, nargs="+", help="trajectory file(s), any format mdtraj reads")
     p.add_argument("--top", default=None, help="topology for the trajectory (default: the .pdb next to it)")
-    p.add_argument("--select", default=None, help="mdtraj atom selection, e.g. 'protein' to strip solvent")
+    p.add_argument("--select", default=None, help="mdtraj atom selection, e.g. 'protein' to strip solvent "
+                                                   "(default: all atoms)")
     p.add_argument("--stride", type=int, default=1, help="use every n-th frame")
     p.add_argument("--out", required=True, help="flow file (.pt)")
     add_system_arguments(p)
     p.add_argument("--no-validate", action="store_true", help="skip the proposal-energy validation")
     p.add_argument("--temperature", type=float, default=300.0, help="K of the training data (for validation)")
-    p.add_argument("--coordinates", default="internal", choices=["internal", "cartesian"])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="integrator steps (RK4, quadratic grid)")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--coordinates", default="internal", choices=sorted(TRANSFORMS),
+                   help="the flow's fixed transform: internal coordinates from the topology's bonds, or "
+                        "mean-free Cartesians")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    add_training_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -67,11 +87,11 @@ def run(args) -> int:
     ckpt = args.out + ".ckpt"
     if args.restart and os.path.exists(ckpt):
         os.unlink(ckpt)
-    flow = fp.train_flow(x, topology=top.to_openmm() if args.coordinates == "internal" else None,
-                         coordinates=args.coordinates, hidden=args.hidden, n_layers=args.layers, n_steps=args.steps,
-                         epochs=args.epochs, batch_size=args.batch, lr=args.lr, ema=args.ema, patience=args.epochs,
-                         max_minutes=args.minutes, temperature=args.temperature, energy=energy, checkpoint=ckpt,
-                         seed=args.seed, progress=True)
+    from ..training import TrainingConfig
+
+    hyper = {name: getattr(args, name) for name in TrainingConfig.help()}
+    flow = fp.train_flow(x, topology=top.to_openmm(), coordinates=args.coordinates, temperature=args.temperature,
+                         energy=energy, checkpoint=ckpt, progress=True, **hyper)
     flow.save(args.out)
     if os.path.exists(ckpt):
         os.unlink(ckpt)

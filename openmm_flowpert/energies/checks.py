@@ -150,21 +150,17 @@ def _energy_unchanged(system: openmm.System, positions, moves, rtol: float, atol
     if x.shape[0] != 1:
         raise ValueError(f"positions must be one configuration (N, 3), got {x.shape[0]}")
     x = x[0]
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0),
-                         openmm.Platform.getPlatformByName("Reference"))
-    try:
-        def energy(p):
-            ctx.setPositions(p)
-            return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
-                unit.kilojoule_per_mole)
-        u0 = energy(x)
-        if not np.isfinite(u0):
-            raise ValueError(f"energy at the given positions is not finite ({u0}); pass a valid "
-                             "configuration")
-        tol = atol + rtol * max(abs(u0), 1.0)
-        return all(abs(energy(move(x)) - u0) <= tol for move in moves)
-    finally:
-        del ctx
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0), openmm.Platform.getPlatformByName("Reference"))
+
+    def energy(p):
+        ctx.setPositions(p)
+        return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+    u0 = energy(x)
+    if not np.isfinite(u0):
+        raise ValueError(f"energy at the given positions is not finite ({u0}); pass a valid configuration")
+    tol = atol + rtol * max(abs(u0), 1.0)
+    return all(abs(energy(move(x)) - u0) <= tol for move in moves)
 
 
 def is_rotation_invariant(system: openmm.System, positions, *, n_trials: int = 3, rtol: float = 1e-6,

@@ -1,12 +1,8 @@
 """Automatic OpenMM platform and worker-count choice.
 
-Measured on a 2-core VM without GPU (OpenMM 8.5.2, ``docs/benchmarks.md, section 4``):
-
-- alanine dipeptide in vacuum (22 atoms): one energy costs about 18 us on Reference (a second
-  worker does not help: the Python work under the GIL dominates) and about 70 us on the CPU platform
-  (47 us with 2 workers of one thread each), whose thread wake-up dominates small systems;
-- a 125-atom Lennard-Jones cluster: Reference about 200 us (130 us with 2 workers), CPU platform
-  with one thread per context and 2 workers about 50 us.
+Small systems run fastest on Reference (the CPU platform's thread wake-up dominates them), larger
+ones on the CPU platform with one context per worker thread; the measurements behind the choice are
+in docs/benchmarks.md, section 4 ("Numbers behind the automatic platform and worker choice").
 """
 from __future__ import annotations
 
@@ -54,12 +50,11 @@ def platform_candidates(n_atoms: int, platform: Union[None, str, openmm.Platform
 def default_n_workers(platform_name: str, n_atoms: int) -> int:
     """Worker threads (= contexts) for a platform and system size.
 
-    1 on GPU platforms; 1 on Reference below :data:`SMALL_SYSTEM_ATOMS` atoms (an energy costs
-    about 15 us there, mostly Python work under the GIL, and a second worker measured 0.5-0.95x);
-    otherwise the usable CPU count: OpenMM releases the GIL while it computes, so contexts in
-    several threads run in parallel (CPU platform, alanine dipeptide: 1.4x with 2 workers; Reference,
-    125 atoms: 1.5x). With several workers the CPU platform gets ``Threads = cpus // n_workers``
-    per context.
+    1 on GPU platforms; 1 on Reference below :data:`SMALL_SYSTEM_ATOMS` atoms (mostly Python work
+    under the GIL: a second worker does not help); otherwise the usable CPU count: OpenMM releases
+    the GIL while it computes, so contexts in several threads run in parallel (docs/benchmarks.md
+    section 4). With several workers the CPU platform gets ``Threads = cpus // n_workers`` per
+    context.
     """
     if platform_name in _GPU_PLATFORMS:
         return 1

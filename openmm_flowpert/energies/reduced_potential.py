@@ -165,11 +165,11 @@ class ReducedPotential:
                 out[i] = np.inf
         return out
 
-    def __call__(self, positions) -> np.ndarray:
-        """Reduced potentials u = U / kT (float64, shape (B,)) of positions in nm.
+    def potential_energies(self, positions) -> np.ndarray:
+        """Potential energies U (float64, shape (B,)) in kJ/mol of positions in nm.
 
         ``positions``: (B, N, 3), (B, 3N) or one (N, 3) (then B = 1); numpy, torch or Quantity.
-        Non-finite energies and per-configuration OpenMM errors give +inf.
+        Per-configuration OpenMM errors give +inf.
         """
         x = as_positions_array(positions, self.n_atoms)
         with self._lock:
@@ -177,15 +177,22 @@ class ReducedPotential:
                 self._resolve()
             n_used = min(self.n_workers, len(x))
             if n_used <= 1:
-                energies = self._evaluate_chunk(0, x)
-            else:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(self.n_workers,
-                                                        thread_name_prefix="ReducedPotential")
-                chunks = np.array_split(x, n_used)
-                energies = np.concatenate(list(self._executor.map(self._evaluate_chunk,
-                                                                  range(n_used), chunks)))
-        u = energies / self.kT
+                return self._evaluate_chunk(0, x)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.n_workers, thread_name_prefix="ReducedPotential")
+            chunks = np.array_split(x, n_used)
+            return np.concatenate(list(self._executor.map(self._evaluate_chunk, range(n_used), chunks)))
+
+    def __call__(self, positions, temperature=None) -> np.ndarray:
+        """Reduced potentials u = U / kT (float64, shape (B,), kT) of positions in nm.
+
+        ``positions``: (B, N, 3), (B, 3N) or one (N, 3) (then B = 1); numpy, torch or Quantity.
+        ``temperature`` (openmm Quantity or float in K) overrides the object's own: the same
+        energies reduced at another state of a temperature ladder. Non-finite energies and
+        per-configuration OpenMM errors give +inf.
+        """
+        kT = self.kT if temperature is None else kT_kJ_per_mol(temperature)
+        u = self.potential_energies(positions) / kT
         u[~np.isfinite(u)] = np.inf
         return u
 

@@ -4,7 +4,7 @@ Every method is a pure function of its inputs: the caller passes the latent z an
 probe vectors (drawn by :mod:`openmm_flowpert.noise`), so the scripted file runs unchanged from
 Python, C++ or openmm-torch, with or without the native noise library.
 
-Conventions (ALGORITHM.md sections 3-5): the flow is prior -> CNF f (flow perturbation applies
+Conventions (docs/algorithm.md sections 3-5): the flow is prior -> CNF f (flow perturbation applies
 here) -> fixed transform T (exact log-det) -> x. For a proposal,
 
     log q(x) = log p_Z(z) - log|det J_f(z)| - log|det J_T(y)|,     log W = -u(x) - log q(x),
@@ -121,7 +121,7 @@ class PerturbedFlowModule(nn.Module):
     @torch.jit.export
     def refresh(self, x: torch.Tensor, probes: torch.Tensor, estimator: str, exact_inverse: bool = True,
                 prior_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gibbs refresh of the auxiliary directions given x (ALGORITHM.md section 4).
+        """Gibbs refresh of the auxiliary directions given x (docs/algorithm.md section 4).
 
         For x (B, x_dim): z = f^-1(T^-1(x)) by the (exact) inverse, and for each probe set
         u = J g / |J g| with g the Gaussian ``probes`` (J = J_f for fp, J_k at x_{k-1} for fp++),
@@ -182,7 +182,7 @@ class PerturbedFlowModule(nn.Module):
 
         Fast: a = J_rev u, the derivative of the reverse step at cur (error O(h^(p+1))).
         Exact: Newton iterations on J_k a = u preconditioned by J_rev, a <- a - J_rev (J_k a - u);
-        J_rev J_k = I + O(h^(p+1)), so one or two iterations reach the finite-difference floor.
+        J_rev J_k = I + O(h^(p+1)), so a few iterations usually suffice (cost: docs/benchmarks.md section 1).
         Rows whose relative residual stays above ``newton_tol`` come back as NaN (rejections).
         """
         a = self._jvp(k, cur, u, True)

@@ -4,18 +4,18 @@ The flow map is the *discrete* map f = Phi_K o ... o Phi_1 with x_0 = z (prior e
 x_k = Phi_k(x_{k-1}) = x_{k-1} + h_k Psi_k(x_{k-1}) (data end, t = 1). Everything -- estimators,
 refreshes, inverses -- refers to this discrete map, not to the ODE it approximates.
 
-Inverse of one step (ALGORITHM.md section 6): the fixed point y = x - h Psi(y), solved from the
+Inverse of one step (docs/algorithm.md section 6): the fixed point y = x - h Psi(y), solved from the
 fast approximation "one step of the same scheme backwards in time" by Anderson-accelerated
 fixed-point iteration until the residual |y + h Psi(y) - x| is at round-off. Plain iteration
 converges only when h Lip(Psi) < 1 and slowly near that limit; Anderson mixing of the last few
-iterates converges in about half the evaluations on trained molecular flows and also where the
-plain iteration diverges. Either way the answer is checked by its residual: rows that do not reach
+iterates converges in fewer evaluations on trained molecular flows (docs/benchmarks.md section 10)
+and also where the plain iteration diverges. Either way the answer is checked by its residual: rows that do not reach
 it are returned as NaN, which the samplers treat as rejected proposals. (The inverse is unique
 wherever the discrete map is injective, which every density estimate of the flow assumes.)
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -202,7 +202,3 @@ class CNF(nn.Module):
         for k in range(self.n_steps - 1, -1, -1):
             z = self.inverse_step(k, z, exact, None)
         return z
-
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Fast approximate inverse (reverse steps only)."""
-        return self.inverse(y, False)

@@ -101,10 +101,10 @@ def build_zmatrix(topology, root: Optional[int] = None) -> np.ndarray:
             # i-j-k-sibling stays near +-120 degrees, so only one torsion per rotor is free.
             siblings = [m for m in placed_j if parent[m] == j and m != k]
             lc = siblings + [parent[k]] + [m for m in nbr[k] if m in parent] + placed_j + order
-            l = next(m for m in lc if m not in (i, j, k))
+            m4 = next(m for m in lc if m not in (i, j, k))
             parent[i] = j
             order.append(i)
-            rows.append([i, j, k, l])
+            rows.append([i, j, k, m4])
             queue.append(i)
     if len(order) != n:
         raise ValueError(f"the bond graph is not connected: reached {len(order)} of {n} atoms")

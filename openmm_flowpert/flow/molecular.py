@@ -26,13 +26,12 @@ subspace (orthonormal-basis measure), whatever the orientation: the Haar density
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
-import numpy as np
 import torch
-from torch import nn
 
-from .internal import InternalCoordinates
+from .internal import InternalCoordinates, build_zmatrix
+from .transforms import FixedTransform, register_transform
 
 __all__ = ["NormalizedInternal", "least_populated_angle", "frame_rotation", "haar_rotations"]
 
@@ -80,12 +79,14 @@ def haar_rotations(g: torch.Tensor) -> torch.Tensor:
     ], -1).reshape(-1, 3, 3)
 
 
-class NormalizedInternal(nn.Module):
+@register_transform
+class NormalizedInternal(FixedTransform):
     """Fixed bijection y (B, 3N - 6) -> canonical-frame mean-free Cartesians x (B, 3N) in nm.
 
     ``forward(y) -> (x, logdet)`` and ``inverse(x) -> (y, logdet)`` as every transform of
-    :mod:`openmm_flowpert.flow.transforms`; see the module docstring for the map and logdet.
-    Build one from data with :meth:`fit`. TorchScript-compatible; float64.
+    :mod:`openmm_flowpert.flow.transforms` (registered as ``"internal"``); see the module
+    docstring for the map and logdet. Build one from data with :meth:`fit` (or
+    :meth:`from_samples`, from a topology). TorchScript-compatible; float64.
 
     Parameters
     ----------
@@ -96,6 +97,9 @@ class NormalizedInternal(nn.Module):
     cut : Tensor (N - 3,)
         Cut angle of each torsion circle (rad).
     """
+
+    name = "internal"
+    molecular = True
 
     def __init__(self, ic: InternalCoordinates, mean: torch.Tensor, std: torch.Tensor, cut: torch.Tensor):
         super().__init__()
@@ -133,6 +137,42 @@ class NormalizedInternal(nn.Module):
         mapped = raw.clone()
         mapped[:, 5::3] = v
         return cls(ic, mapped.mean(0), mapped.std(0).clamp_min(1e-6), cut)
+
+    # -- the transform interface (Python only) -----------------------------------------------------
+    @classmethod
+    def from_samples(cls, x: torch.Tensor, n_atoms: int, mean_free: bool, topology=None) -> "NormalizedInternal":
+        """Z-matrix from the bonds of ``topology`` (openmm.app or mdtraj), normalization from x (n, 3N)."""
+        if topology is None:
+            raise ValueError("coordinates='internal' needs the topology (openmm.app.Topology or mdtraj.Topology)")
+        if hasattr(topology, "to_openmm"):  # mdtraj
+            topology = topology.to_openmm()
+        if topology.getNumAtoms() != n_atoms:
+            raise ValueError(f"the topology has {topology.getNumAtoms()} atoms but the samples have {n_atoms}")
+        return cls.fit(InternalCoordinates(build_zmatrix(topology), n_atoms), x)
+
+    def config(self) -> Dict[str, Any]:
+        return {"n_atoms": int(self.n_atoms)}
+
+    @classmethod
+    def from_state(cls, config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> "NormalizedInternal":
+        ic = InternalCoordinates(state["ic.zmatrix"], int(config["n_atoms"]))
+        t = cls(ic, state["mean"], state["std"], state["cut"])
+        t.load_state_dict(state)
+        return t
+
+    def flow_layout(self, cnf_dim: int, n_particles: int) -> Dict[str, Any]:
+        if n_particles:
+            raise ValueError("an internal-coordinate flow has a plain (not mean-free) CNF: use n_particles=0")
+        if self.dim != cnf_dim:
+            raise ValueError(f"the velocity field has {cnf_dim} coordinates; the internal-coordinate "
+                             f"transform needs {self.dim} (3N - 6)")
+        ic = self.ic
+        return {"coordinates": "internal", "x_dim": 3 * self.n_atoms, "n_atoms": self.n_atoms, "mean_free": True,
+                "orientation": "haar", "frame": [ic.a0, ic.a1, ic.a2, bool(ic.a2_on_a0)],
+                "zmatrix": ic.zmatrix.tolist()}
+
+    def cnf_particles(self) -> int:
+        return 0
 
     # -- the map -----------------------------------------------------------------------------------
     def _torsion_logdet(self, v: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Each ``apply`` is self-contained (the move keeps no sampler state between calls): it maps the
 current positions to the latent space with the exact inverse, redraws the auxiliary directions
-from rho(u | x) (ALGORITHM.md section 4), runs a Metropolis chain over a batch of flow proposals
+from rho(u | x) (docs/algorithm.md section 4), runs a Metropolis chain over a batch of flow proposals
 whose reduced potentials come from OpenMM, and writes the final positions back. Because the
 refresh is an exact Gibbs step, the move composes with ``LangevinDynamicsMove``, replica swaps or
 any other move that changes x, and the combination samples the Boltzmann distribution exactly.
@@ -20,10 +20,10 @@ import torch
 from openmm import unit
 from openmmtools import mcmc
 
-from ..energies import ReducedPotential, check_system, kT_kJ_per_mol
+from ..energies import ReducedPotential, check_system
 from ..noise import Noise
 from ..perturbed_flow import FlowFileError, PerturbedFlow, file_checksum
-from ..samplers.metropolis import log_weights, metropolis_accept
+from ..metropolis import ChainState, latent_step, log_weights, reduced_energies, sequential_chain
 
 __all__ = ["FlowPerturbationMove", "load_flow_cached"]
 
@@ -105,8 +105,9 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         Seed of all noise (default: drawn from the OS). Each MPI rank uses its own stream.
     device : str, optional
         Torch device of the flow's integration, exact inverse and estimators (e.g. ``"cuda"``;
-        default: the CPU). Noise is still drawn on the CPU, so results do not depend on it beyond
-        floating-point summation order. A flow object given as ``flow`` is moved there.
+        default: the CPU). Noise is drawn there too (the same numbers as on the CPU), so results
+        depend on the device only through floating-point summation order. A flow object given as
+        ``flow`` is moved there.
     reassign_velocities : bool, default True
         After an accepted proposal, velocities are redrawn from Maxwell-Boltzmann at the state's
         temperature; this keeps the joint (positions, velocities) distribution exact. Velocities
@@ -258,83 +259,89 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         ``thermodynamic_state`` (its temperature) enters the acceptance test.
         """
         t_start = time.perf_counter()
-        flow = self._flow
         x = np.asarray(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
-        n_atoms = x.shape[0]
         rp = self._prepare(thermodynamic_state, x)
         temperature = thermodynamic_state.temperature.value_in_unit(unit.kelvin)
-        factor = rp.kT / kT_kJ_per_mol(temperature)  # reduced potentials at this state's temperature
-        s = self._scale(temperature)
         noise = self._noise(x)
-        kw = dict(estimator=self.estimator, exact_inverse=self.exact_inverse, prior_scale=s)
-        shape_in = (1, -1) if flow.n_atoms == 0 else (1, n_atoms, 3)
-        centre = x.mean(0) if flow.remove_com else np.zeros(3)
+        kw = dict(estimator=self.estimator, exact_inverse=self.exact_inverse, prior_scale=self._scale(temperature))
+
+        def energy(positions: torch.Tensor) -> np.ndarray:  # nm -> kT at this state's temperature
+            return rp(positions, temperature)
 
         clock = _Clock(self.timing)
-        cur = self._refresh_auxiliary(torch.from_numpy(x).reshape(shape_in), noise, kw)
-        clock.lap("refresh")
-        log_w = log_weights(rp(x[None]) * factor, cur.log_q)
-        clock.lap("energies")
-        accepted_any = False
-        if not bool(torch.isfinite(log_w).all()):
+        state = self._current_state(x, energy, noise, kw, clock)
+        if not bool(torch.isfinite(state.log_w).all()):
             # The exact inverse of the current positions failed (or their energy is not finite): the
             # move cannot weigh the current state, so it leaves it unchanged.
             self.n_refresh_failed += 1
+            accepted_any = False
         else:
-            if self.proposal == "independent":
-                prop = flow.propose(self.n_proposals, noise, reference=x[None], **kw)
-                clock.lap("proposals")
-                u_new = rp(prop.x.reshape(self.n_proposals, n_atoms, 3).numpy() + centre) * factor
-                clock.lap("energies")
-                lw_new = log_weights(u_new, prop.log_q)
-                self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
-                uni = noise.uniform(self.n_proposals)
-                best = -1
-                for i in range(self.n_proposals):
-                    if bool(metropolis_accept(log_w, lw_new[i:i + 1], uni[i:i + 1])):
-                        log_w, best = lw_new[i:i + 1], i
-                        self.n_accepted += 1
-                if best >= 0:
-                    accepted_any = True
-                    x = prop.x[best].reshape(n_atoms, 3).numpy() + centre
-            else:
-                w, eps = cur.w, cur.eps
-                for _ in range(self.n_proposals):
-                    w_new, _ = noise.partial_redraw(w, self.k)
-                    eps_new = eps
-                    if eps.shape[1] > 0:
-                        B, P, D = eps.shape
-                        eps_new = noise.partial_redraw(eps.reshape(B * P, D), self.k_eps)[0].reshape(B, P, D)
-                    xp, lq = flow.evaluate(w_new, eps_new, reference=x[None], **kw)
-                    xp = xp.reshape(n_atoms, 3).numpy() + centre
-                    clock.lap("proposals")
-                    lw_new = log_weights(rp(xp[None]) * factor, lq)
-                    clock.lap("energies")
-                    self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
-                    if bool(metropolis_accept(log_w, lw_new, noise.uniform(1))):
-                        log_w, w, eps, x = lw_new, w_new, eps_new, xp
-                        self.n_accepted += 1
-                        accepted_any = True
+            accepted_any = self._propose_and_accept(state, energy, noise, kw, clock)
             self.n_proposed += self.n_proposals
-
-        if accepted_any or sampler_state.velocities is None:
-            cache = self._get_context_cache(context_cache)
-            context, _ = cache.get_context(thermodynamic_state)
-            sampler_state.positions = x * unit.nanometer
-            sampler_state.apply_to_context(context, ignore_velocities=True)
-            if accepted_any and not self.reassign_velocities and sampler_state.velocities is not None:
-                sampler_state.apply_to_context(context)
-            else:
-                context.setVelocitiesToTemperature(thermodynamic_state.temperature,
-                                                   int(noise.uniform(1)[0] * 2_147_483_000) + 1)
-            sampler_state.update_from_context(context)
+            x = state.x.reshape(x.shape).numpy()
+        self._write_back(thermodynamic_state, sampler_state, context_cache, x, accepted_any, noise)
         self.timing["total"] = self.timing.get("total", 0.0) + time.perf_counter() - t_start
         self.timing["calls"] = self.timing.get("calls", 0) + 1
+
+    def _current_state(self, x: np.ndarray, energy, noise: Noise, kw: dict, clock: _Clock) -> ChainState:
+        """The chain at the current positions x (N, 3) nm, its auxiliary directions from rho(u | x)."""
+        shape_in = (1, -1) if self._flow.n_atoms == 0 else (1,) + x.shape
+        cur = self._refresh_auxiliary(torch.from_numpy(x).reshape(shape_in), noise, kw)
+        clock.lap("refresh")
+        xt = torch.from_numpy(x)[None]
+        energy_kT = reduced_energies(energy, xt)
+        clock.lap("energies")
+        return ChainState(w=cur.w, eps=cur.eps, x=xt, reduced_energy=energy_kT, log_w=log_weights(energy_kT, cur.log_q))
+
+    def _propose_and_accept(self, state: ChainState, energy, noise: Noise, kw: dict, clock: _Clock) -> bool:
+        """Run the chain from ``state`` (updated in place) over ``n_proposals`` proposals; True if
+        any was accepted."""
+        x0 = state.x
+        centre = torch.from_numpy(x0[0].numpy().mean(0) if self._flow.remove_com else np.zeros(3))
+
+        def place(xp: torch.Tensor) -> torch.Tensor:  # flow output -> positions of this system (nm)
+            return xp.reshape(-1, *x0.shape[1:]) + centre
+
+        n_accepted = 0
+        if self.proposal == "independent":
+            prop = self._flow.propose(self.n_proposals, noise, reference=x0, **kw)
+            clock.lap("proposals")
+            xs = place(prop.x)
+            lw_new = log_weights(reduced_energies(energy, xs), prop.log_q)
+            clock.lap("energies")
+            self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
+            best, n_accepted = sequential_chain(state.log_w, lw_new, noise.uniform(self.n_proposals))
+            if best >= 0:
+                state.x, state.log_w = xs[best:best + 1], lw_new[best:best + 1]
+        else:
+            for _ in range(self.n_proposals):
+                acc, lw_new = latent_step(self._flow, energy, state, noise, 1.0, self.k, self.k_eps, place=place, **kw)
+                clock.lap("proposals")
+                self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
+                n_accepted += int(acc.sum())
+        self.n_accepted += n_accepted
+        return n_accepted > 0
 
     def _refresh_auxiliary(self, x: torch.Tensor, noise: Noise, kw: dict):
         """The Gibbs refresh of the auxiliary directions given x, u ~ rho(u | x) (never uniform:
         redrawing u uniformly after an x-move biases the sampler)."""
         return self._flow.refresh(x, noise, **kw)
+
+    def _write_back(self, thermodynamic_state, sampler_state, context_cache, x: np.ndarray, accepted_any: bool,
+                    noise: Noise) -> None:
+        """Positions (nm) into ``sampler_state``; velocities redrawn or kept (see the class)."""
+        if not (accepted_any or sampler_state.velocities is None):
+            return
+        cache = self._get_context_cache(context_cache)
+        context, _ = cache.get_context(thermodynamic_state)
+        sampler_state.positions = x * unit.nanometer
+        sampler_state.apply_to_context(context, ignore_velocities=True)
+        if accepted_any and not self.reassign_velocities and sampler_state.velocities is not None:
+            sampler_state.apply_to_context(context)
+        else:
+            context.setVelocitiesToTemperature(thermodynamic_state.temperature,
+                                               int(noise.uniform(1)[0] * 2_147_483_000) + 1)
+        sampler_state.update_from_context(context)
 
     # -- copies and serialization ------------------------------------------------------------------
     def __deepcopy__(self, memo):

@@ -2,9 +2,12 @@
 
 Each call seeds a private ``torch.Generator`` from a 64-bit mix of the key, so draws are
 reproducible and independent of the global torch RNG and of thread counts. The numbers differ
-from the native Philox streams; the distributions are the same.
+from the native Philox streams; the distributions are the same. Draws are made on the CPU and
+copied to the requested device, so they are the same numbers on every device.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -25,25 +28,32 @@ def generator(seed: int, stream: int, offset: int) -> torch.Generator:
     return torch.Generator().manual_seed(_mix(seed, stream, offset))
 
 
-def gaussian(rows: int, dim: int, n_particles: int, seed: int, stream: int, offset: int) -> torch.Tensor:
+def _to(x: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    return x if device is None or device.type == "cpu" else x.to(device)
+
+
+def gaussian(rows: int, dim: int, n_particles: int, seed: int, stream: int, offset: int,
+             device: Optional[torch.device] = None) -> torch.Tensor:
     g = torch.randn(rows, dim, generator=generator(seed, stream, offset), dtype=torch.float64)
     if n_particles > 0:
         y = g.view(rows, n_particles, 3)
         g = (y - y.mean(dim=1, keepdim=True)).view(rows, dim)
-    return g
+    return _to(g, device)
 
 
-def uniform(n: int, seed: int, stream: int, offset: int) -> torch.Tensor:
+def uniform(n: int, seed: int, stream: int, offset: int, device: Optional[torch.device] = None) -> torch.Tensor:
     u = torch.rand(n, generator=generator(seed, stream, offset), dtype=torch.float64)
-    return u.clamp_min(torch.finfo(torch.float64).tiny)
+    return _to(u.clamp_min(torch.finfo(torch.float64).tiny), device)
 
 
 def partial_redraw(w: torch.Tensor, k: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
-    """Sort-based reference: a random permutation per row, the first k[i] positions are redrawn."""
+    """Sort-based reference: a random permutation per row, the first k[i] positions are redrawn.
+
+    Computed on the CPU; the result is on ``w``'s device."""
     B, D = w.shape
     gen = generator(seed, stream, offset)
     keys = torch.rand(B, D, generator=gen, dtype=torch.float64)
     ranks = torch.argsort(torch.argsort(keys, dim=1), dim=1)
-    mask = ranks < k.view(B, 1)
+    mask = ranks < k.cpu().view(B, 1)
     fresh = torch.randn(B, D, generator=gen, dtype=torch.float64)
-    return torch.where(mask, fresh, w.to(torch.float64))
+    return _to(torch.where(mask, fresh, w.cpu().to(torch.float64)), w.device)

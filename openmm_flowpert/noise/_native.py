@@ -7,13 +7,16 @@ library first: call :func:`load_library`, or import :mod:`openmm_flowpert.noise.
 first draw of a :class:`~openmm_flowpert.noise.Noise` does), which loads it when available.
 
 Draws are counter-based Philox4x32-10 keyed by ``(seed, stream, offset)`` and the row and element
-index, so outputs are bit-identical for any thread count and between the CPU and CUDA kernels.
+index, so outputs are bit-identical for any thread count and between the CPU and CUDA kernels. The
+draw functions take a ``device``: a CUDA device uses the CUDA kernels when the library has them
+(:func:`has_cuda`), otherwise the CPU kernels and a copy, with the same numbers either way.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -48,31 +51,66 @@ def _i64(x: int) -> int:
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
+_HAS_CUDA = bool(_ops.has_cuda())
+#: First error of the CUDA kernels in this process (e.g. no kernel image for the GPU, a driver too
+#: old for the runtime); from then on draws for CUDA devices are made on the CPU and copied.
+cuda_error: Optional[str] = None
+
+
 def has_cuda() -> bool:
     """Whether the library was built with the CUDA kernels."""
-    return bool(_ops.has_cuda())
+    return _HAS_CUDA
 
 
-def gaussian(rows: int, dim: int, n_particles: int, seed: int, stream: int, offset: int) -> torch.Tensor:
-    return _ops.gaussian(rows, dim, n_particles, _i64(seed), _i64(stream), _i64(offset))
+def cuda_kernels(device: Optional[torch.device]) -> bool:
+    """Whether draws for ``device`` run in the CUDA kernels (else on the CPU, then copied)."""
+    return device is not None and device.type == "cuda" and _HAS_CUDA and cuda_error is None
 
 
-def directions(rows: int, dim: int, n_particles: int, seed: int, stream: int,
-               offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _ops.directions(rows, dim, n_particles, _i64(seed), _i64(stream), _i64(offset))
+def _to(out, device: Optional[torch.device]):
+    if device is None or device.type == "cpu":
+        return out
+    if isinstance(out, tuple):
+        return tuple(o.to(device) for o in out)
+    return out.to(device)
 
 
-def uniform(n: int, seed: int, stream: int, offset: int) -> torch.Tensor:
-    return _ops.uniform(n, _i64(seed), _i64(stream), _i64(offset))
+def _on_device(cuda_call, cpu_call, device: Optional[torch.device]):
+    """The CUDA kernel for a CUDA ``device`` when usable, else the CPU kernel and a copy (same bits)."""
+    global cuda_error
+    if cuda_kernels(device):
+        try:
+            return cuda_call()
+        except RuntimeError as err:
+            if "flowpert CUDA" not in str(err):  # only failures of the kernels themselves fall back
+                raise
+            cuda_error = str(err).strip().splitlines()[0]
+            logging.getLogger("openmm_flowpert").warning(
+                "openmm-flowpert: the CUDA noise kernels failed (%s); drawing on the CPU and copying "
+                "(same numbers)", cuda_error)
+    return _to(cpu_call(), device)
+
+
+def gaussian(rows: int, dim: int, n_particles: int, seed: int, stream: int, offset: int,
+             device: Optional[torch.device] = None) -> torch.Tensor:
+    key = (rows, dim, n_particles, _i64(seed), _i64(stream), _i64(offset))
+    return _on_device(lambda: _ops.gaussian(*key, device), lambda: _ops.gaussian(*key), device)
+
+
+def directions(rows: int, dim: int, n_particles: int, seed: int, stream: int, offset: int,
+               device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    key = (rows, dim, n_particles, _i64(seed), _i64(stream), _i64(offset))
+    return _on_device(lambda: _ops.directions(*key, device), lambda: _ops.directions(*key), device)
+
+
+def uniform(n: int, seed: int, stream: int, offset: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    key = (n, _i64(seed), _i64(stream), _i64(offset))
+    return _on_device(lambda: _ops.uniform(*key, device), lambda: _ops.uniform(*key), device)
 
 
 def partial_redraw(w: torch.Tensor, k: torch.Tensor, seed: int, stream: int, offset: int) -> torch.Tensor:
-    if w.is_cuda and not has_cuda():
-        return _ops.partial_redraw(w.cpu(), k.cpu(), _i64(seed), _i64(stream), _i64(offset)).to(w.device)
-    return _ops.partial_redraw(w, k, _i64(seed), _i64(stream), _i64(offset))
-
-
-def log_stretch(zp: torch.Tensor, zm: torch.Tensor, two_eps: float) -> torch.Tensor:
-    if zp.is_cuda and not has_cuda():
-        return _ops.log_stretch(zp.cpu(), zm.cpu(), float(two_eps)).to(zp.device)
-    return _ops.log_stretch(zp, zm, float(two_eps))
+    """The result is on ``w``'s device (the CUDA kernel when ``w`` is on a GPU and it is usable)."""
+    key = (_i64(seed), _i64(stream), _i64(offset))
+    dev = w.device
+    return _on_device(lambda: _ops.partial_redraw(w, k.to(dev), *key),
+                      lambda: _ops.partial_redraw(w.cpu(), k.cpu(), *key), dev)

@@ -2,7 +2,7 @@
 
 Each iteration applies an openmmtools ``LangevinDynamicsMove`` and then a
 :class:`~openmm_flowpert.FlowPerturbationMove` (omitted for plain MD) to one ``SamplerState``;
-because the move refreshes the auxiliary directions exactly after MD (ALGORITHM.md section 4), the
+because the move refreshes the auxiliary directions exactly after MD (docs/algorithm.md section 4), the
 chain samples the Boltzmann distribution of the system at ``temperature``.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .._files import atomic_write
+from .._files import load_checkpoint, save_checkpoint
 
 __all__ = ["HybridResult", "run_hybrid"]
 
@@ -49,8 +49,48 @@ class HybridResult:
         return int(self.reduced_energies.shape[0])
 
 
-def _save(path: str, **arrays) -> None:
-    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+def _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed) -> dict:
+    from ..perturbed_flow import PerturbedFlow, file_checksum
+
+    path = None if flow is None else (flow.path if isinstance(flow, PerturbedFlow) else os.fspath(flow))
+    return {"n_atoms": int(system.getNumParticles()), "temperature_K": float(temperature),
+            "flow_sha256": file_checksum(path) if path and os.path.isfile(path) else path,
+            "md_steps": int(md_steps), "n_proposals": int(n_proposals) if flow is not None else 0,
+            "estimator": estimator if flow is not None else None, "timestep_fs": float(timestep_fs),
+            "friction_per_ps": float(friction), "seed": int(seed)}
+
+
+class _Trace:
+    """The per-iteration record of a hybrid run and its checkpoint payload."""
+
+    def __init__(self, ck: Optional[dict] = None):
+        ck = ck or {}
+        self.xs, self.us = list(ck.get("positions", [])), list(ck.get("reduced_energies", []))
+        self.acc, self.prop = list(ck.get("accepted", [])), list(ck.get("proposed", []))
+        self.walls = list(ck.get("wall_times", []))
+
+    def __len__(self) -> int:
+        return len(self.us)
+
+    @property
+    def elapsed(self) -> float:
+        return float(self.walls[-1]) if self.walls else 0.0
+
+    def append(self, x, u, a, p, wall) -> None:
+        self.xs.append(x)
+        self.us.append(u)
+        self.acc.append(a)
+        self.prop.append(p)
+        self.walls.append(wall)
+
+    def payload(self) -> dict:
+        return {"positions": np.asarray(self.xs), "reduced_energies": np.asarray(self.us),
+                "accepted": np.asarray(self.acc, dtype=np.int64), "proposed": np.asarray(self.prop, dtype=np.int64),
+                "wall_times": np.asarray(self.walls)}
+
+    def result(self) -> HybridResult:
+        p = self.payload()
+        return HybridResult(p["positions"], p["reduced_energies"], p["accepted"], p["proposed"], p["wall_times"])
 
 
 def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations: Optional[int] = None,
@@ -80,9 +120,10 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     seed : int
         Seeds the Langevin integrator and the flow move's noise.
     checkpoint : str, optional
-        ``.npz`` file written atomically every ``checkpoint_every`` iterations and at the end
-        (trace, positions, velocities, move counters). If it exists, the run resumes from it and
-        ``n_iterations`` / ``seconds`` count the whole run, resumed parts included.
+        File written atomically every ``checkpoint_every`` iterations and at the end (trace,
+        positions, velocities, move counters). If it exists, the run resumes from it (refusing a
+        checkpoint of other settings) and ``n_iterations`` / ``seconds`` count the whole run,
+        resumed parts included.
     progress : bool
         tqdm progress bar with the acceptance in its postfix.
 
@@ -90,91 +131,89 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     -------
     HybridResult
     """
-    import openmm
     from openmm import unit
-    from openmmtools import cache, states
-
-    from ..energies import platform_candidates
-    from ..moves import FlowPerturbationMove
-    from ..moves.langevin import SeededLangevinDynamicsMove
+    from openmmtools import states
 
     if n_iterations is None and seconds is None:
         raise ValueError("give n_iterations, seconds or both")
+    config = _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed)
+    ck = load_checkpoint(checkpoint, "hybrid", config)
+    trace = _Trace(ck)
     ts = states.ThermodynamicState(system, float(temperature) * unit.kelvin)
     ss = states.SamplerState(np.asarray(positions, dtype=np.float64) * unit.nanometer)
     fpm = None
     if flow is not None:
+        from ..moves import FlowPerturbationMove
+
         fpm = FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, seed=seed,
                                    platform=platform, reassign_velocities=False, device=device)
-    # the energy layer's choice (Reference below SMALL_SYSTEM_ATOMS atoms, GPU platforms first)
-    plat = openmm.Platform.getPlatformByName(platform_candidates(system.getNumParticles(), platform)[0])
-    cc = cache.ContextCache(capacity=2, platform=plat)
-    xs, us, acc, prop, walls = [], [], [], [], []
-    elapsed = 0.0
-    if checkpoint is not None and os.path.exists(checkpoint):
-        ck = np.load(checkpoint)
-        if ck["positions"].shape[1:] != (system.getNumParticles(), 3):
-            raise ValueError(f"checkpoint {checkpoint!r} is for {ck['positions'].shape[1]} atoms, the system has "
-                             f"{system.getNumParticles()}; delete it or choose another output folder")
-        xs, us = list(ck["positions"]), list(ck["reduced_energies"])
-        acc, prop, walls = list(ck["accepted"]), list(ck["proposed"]), list(ck["wall_times"])
-        elapsed = float(walls[-1]) if walls else 0.0
+    if ck is not None:
         ss.positions = ck["state_positions"] * unit.nanometer
         ss.velocities = ck["state_velocities"] * unit.nanometer / unit.picosecond
         if fpm is not None:
             fpm._calls = int(ck["move_calls"])
-    # a resumed run continues with fresh Langevin noise (seeded by the iteration it resumes at)
-    md = SeededLangevinDynamicsMove(seed=seed + len(us), timestep=timestep_fs * unit.femtosecond,
-                                    collision_rate=friction / unit.picosecond, n_steps=int(md_steps),
-                                    reassign_velocities=False)
-    kT = unit.MOLAR_GAS_CONSTANT_R * float(temperature) * unit.kelvin
-
-    def done() -> bool:
-        return ((n_iterations is not None and len(us) >= n_iterations)
-                or (seconds is not None and elapsed >= seconds))
 
     def write() -> None:
-        if checkpoint is None:
-            return
-        _save(checkpoint, positions=np.asarray(xs), reduced_energies=np.asarray(us), accepted=np.asarray(acc),
-              proposed=np.asarray(prop), wall_times=np.asarray(walls),
-              state_positions=np.asarray(ss.positions.value_in_unit(unit.nanometer)),
-              state_velocities=np.asarray(ss.velocities.value_in_unit(unit.nanometer / unit.picosecond)),
-              move_calls=np.asarray(fpm._calls if fpm is not None else 0))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, "hybrid", config, {
+                **trace.payload(), "state_positions": np.asarray(ss.positions.value_in_unit(unit.nanometer)),
+                "state_velocities": np.asarray(ss.velocities.value_in_unit(unit.nanometer / unit.picosecond)),
+                "move_calls": fpm._calls if fpm is not None else 0})
 
+    def done() -> bool:
+        return ((n_iterations is not None and len(trace) >= n_iterations)
+                or (seconds is not None and trace.elapsed >= seconds))
+
+    _loop(ts, ss, fpm, trace, done, write, checkpoint_every, platform,
+          dict(seed=seed, timestep_fs=timestep_fs, friction=friction, md_steps=md_steps),
+          progress and (desc or ("hybrid MD + FP" if fpm else "plain MD")), n_iterations if seconds is None else None,
+          callback)
+    return trace.result()
+
+
+def _loop(ts, ss, fpm, trace: _Trace, done, write, checkpoint_every: int, platform, md: dict, desc, total,
+          callback) -> None:
+    """MD segment, then the flow move, until ``done()``; the trace gets one entry per iteration."""
+    import openmm
+    from openmm import unit
+    from openmmtools import cache
+
+    from ..energies import kT_kJ_per_mol, platform_candidates
+    from ..moves.langevin import SeededLangevinDynamicsMove
+
+    # the energy layer's choice (Reference below SMALL_SYSTEM_ATOMS atoms, GPU platforms first)
+    plat = openmm.Platform.getPlatformByName(platform_candidates(ts.system.getNumParticles(), platform)[0])
+    cc = cache.ContextCache(capacity=2, platform=plat)
+    # a resumed run continues with fresh Langevin noise (seeded by the iteration it resumes at)
+    langevin = SeededLangevinDynamicsMove(seed=md["seed"] + len(trace), timestep=md["timestep_fs"] * unit.femtosecond,
+                                          collision_rate=md["friction"] / unit.picosecond, n_steps=int(md["md_steps"]),
+                                          reassign_velocities=False)
+    kT = kT_kJ_per_mol(ts.temperature)
     bar = None
-    if progress:
+    if desc:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_iterations if seconds is None else None, initial=len(us),
-                   desc=desc or ("hybrid MD + FP" if fpm else "plain MD"), unit="it")
-    t_last = time.perf_counter()
+        bar = tqdm(total=total, initial=len(trace), desc=desc, unit="it")
+    elapsed, t_last = trace.elapsed, time.perf_counter()
     while not done():
-        md.apply(ts, ss, cc)
+        langevin.apply(ts, ss, cc)
         a = p = 0
         if fpm is not None:
             before = fpm.n_accepted, fpm.n_proposed
             fpm.apply(ts, ss, cc)
             a, p = fpm.n_accepted - before[0], fpm.n_proposed - before[1]
         now = time.perf_counter()
-        elapsed += now - t_last
-        t_last = now
+        elapsed, t_last = elapsed + now - t_last, now
         x = np.asarray(ss.positions.value_in_unit(unit.nanometer))
-        xs.append(x)
-        us.append(float(ss.potential_energy / kT))
-        acc.append(a)
-        prop.append(p)
-        walls.append(elapsed)
+        trace.append(x, ss.potential_energy.value_in_unit(unit.kilojoule_per_mole) / kT, a, p, elapsed)
         if callback is not None:
-            callback(len(us), x)
+            callback(len(trace), x)
         if bar is not None:
             bar.update(1)
             if fpm is not None:
-                bar.set_postfix(acceptance=f"{sum(acc) / max(sum(prop), 1):.3f}")
-        if len(us) % checkpoint_every == 0:
+                bar.set_postfix(acceptance=f"{sum(trace.acc) / max(sum(trace.prop), 1):.3f}")
+        if len(trace) % checkpoint_every == 0:
             write()
     write()
     if bar is not None:
         bar.close()
-    return HybridResult(np.asarray(xs), np.asarray(us), np.asarray(acc, dtype=np.int64),
-                        np.asarray(prop, dtype=np.int64), np.asarray(walls))

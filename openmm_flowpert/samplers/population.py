@@ -1,73 +1,28 @@
 """Population samplers in latent space: many walkers moved together (the papers' protocols).
 
-:class:`LatentMC` runs latent-local Metropolis (ALGORITHM.md section 4) for a batch of walkers at
+:class:`LatentMC` runs latent-local Metropolis (docs/algorithm.md section 4) for a batch of walkers at
 the target; :class:`FlowPerturbationSMC` anneals the weight exponent b from b0 to 1 with sequential
-Monte Carlo (section 7). Both share :func:`latent_sweep`: redraw ``k`` coordinates of each latent
-z and ``k_eps`` of each probe vector (reversible with respect to N(0, I)), then accept with
-probability min(1, (W'/W)^b), log W = -u(x) - log q(x) in nats. Energies are reduced (kT);
+Monte Carlo (section 7). Both move walkers with the core's latent-local step
+(:func:`openmm_flowpert.metropolis.latent_step`): redraw ``k`` coordinates of each latent z and
+``k_eps`` of each probe vector (reversible with respect to N(0, I)), then accept with probability
+min(1, (W'/W)^b), log W = -u(x) - log q(x) in nats. Energies are reduced (kT);
 non-finite ones are rejections. Checkpoints are written atomically and resume bit-for-bit.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .._files import atomic_write
+from .._files import load_checkpoint, save_checkpoint
 from ..noise import Noise
 from ..perturbed_flow import PerturbedFlow
-from .metropolis import _energy, latent_proposal, log_weights, metropolis_accept
+from ..metropolis import ChainState, EnergyFn, initial_state, latent_step
 
-__all__ = ["latent_sweep", "LatentMC", "FlowPerturbationSMC", "SMCResult", "sigmoid_schedule"]
-
-EnergyFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def latent_sweep(flow: PerturbedFlow, energy: EnergyFn, state: dict, noise: Noise, b: float = 1.0,
-                 k: Union[int, torch.Tensor] = 2, k_eps: Union[int, torch.Tensor] = 2, **kw) -> torch.Tensor:
-    """One latent-local Metropolis step for every walker of ``state`` (updated in place).
-
-    ``state`` holds w (B, D), eps (B, P, D), x, u (kT) and log_w (nats). The target is
-    N(w) N(eps) W^b; returns the boolean acceptance (B,).
-    """
-    w, eps, x = state["w"], state["eps"], state["x"]
-    B = w.shape[0]
-    w_new, eps_new, xp, lq = latent_proposal(flow, w, eps, noise, k, k_eps, reference=x, **kw)
-    u_new = _energy(energy, xp)
-    lw_new = log_weights(u_new, lq)
-    bb = max(float(b), 1e-12)  # b = 0: every finite proposal is accepted, non-finite ones never
-    acc = metropolis_accept(bb * state["log_w"], bb * lw_new, noise.uniform(B))
-    sel = acc.view(-1, *([1] * (x.dim() - 1)))
-    state["x"] = torch.where(sel, xp, x)
-    state["u"] = torch.where(acc, u_new, state["u"])
-    state["log_w"] = torch.where(acc, lw_new, state["log_w"])
-    state["w"] = torch.where(acc.view(-1, 1), w_new, w)
-    state["eps"] = torch.where(acc.view(-1, 1, 1), eps_new, eps)
-    return acc
-
-
-def _initial_state(flow: PerturbedFlow, energy: EnergyFn, n: int, noise: Noise, n_probes: int, kw: dict) -> dict:
-    prop = flow.propose(n, noise, n_probes=n_probes, **kw)
-    u = _energy(energy, prop.x)
-    return {"w": prop.w, "eps": prop.eps, "x": prop.x, "u": u, "log_w": log_weights(u, prop.log_q)}
-
-
-def _save(path: str, payload: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(payload, tmp), suffix=".pt")
-
-
-def _load(path: str, kind: str, config: dict) -> Optional[dict]:
-    if path is None or not os.path.exists(path):
-        return None
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck.get("kind") != kind or ck.get("config") != config:
-        raise ValueError(f"checkpoint {path!r} belongs to a different run ({ck.get('kind')}, {ck.get('config')}); "
-                         "delete it or use another path")
-    return ck
+__all__ = ["LatentMC", "FlowPerturbationSMC", "SMCResult", "sigmoid_schedule"]
 
 
 class LatentMC:
@@ -109,21 +64,21 @@ class LatentMC:
         self.config = {"n_walkers": self.n_walkers, "k": self.k, "k_eps": self.k_eps, "estimator": estimator,
                        "n_probes": self.n_probes, "seed": self.seed}
         self.noise = Noise(self.seed)
-        self.state: Optional[dict] = None
+        self.state: Optional[ChainState] = None
         self.iteration = 0
         self.acceptance: List[float] = []  #: fraction of walkers accepting, per iteration
         self.observables: List[torch.Tensor] = []
-        ck = _load(checkpoint, "LatentMC", self.config)
+        ck = load_checkpoint(checkpoint, "LatentMC", self.config)
         if ck is not None:
-            self.state, self.iteration = ck["state"], ck["iteration"]
+            self.state, self.iteration = ChainState(**ck["state"]), ck["iteration"]
             self.acceptance, self.observables = ck["acceptance"], ck["observables"]
             self.noise = Noise(**ck["noise"])
 
     def _write(self) -> None:
         if self.checkpoint is not None:
-            _save(self.checkpoint, {"kind": "LatentMC", "config": self.config, "state": self.state,
-                                    "iteration": self.iteration, "acceptance": self.acceptance,
-                                    "observables": self.observables, "noise": self.noise.state()})
+            save_checkpoint(self.checkpoint, "LatentMC", self.config, {
+                "state": self.state.as_dict(), "iteration": self.iteration, "acceptance": self.acceptance,
+                "observables": self.observables, "noise": self.noise.state()})
 
     def run(self, n_iterations: int, observable: Optional[Callable] = None, progress: bool = False) -> torch.Tensor:
         """Advance to ``n_iterations`` iterations in total (resumed ones included).
@@ -132,16 +87,16 @@ class LatentMC:
         reduced-energy trace is recorded).
         """
         if self.state is None:
-            self.state = _initial_state(self.flow, self.energy, self.n_walkers, self.noise, self.n_probes, self.kw)
+            self.state = initial_state(self.flow, self.energy, self.n_walkers, self.noise, self.n_probes, **self.kw)
         bar = None
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=n_iterations, initial=self.iteration, desc="latent MC", unit="it")
         while self.iteration < n_iterations:
-            acc = latent_sweep(self.flow, self.energy, self.state, self.noise, 1.0, self.k, self.k_eps, **self.kw)
+            acc, _ = latent_step(self.flow, self.energy, self.state, self.noise, 1.0, self.k, self.k_eps, **self.kw)
             self.iteration += 1
             self.acceptance.append(float(acc.double().mean()))
-            obs = observable(self.state["x"]) if observable is not None else self.state["u"]
+            obs = observable(self.state.x) if observable is not None else self.state.reduced_energy
             self.observables.append(torch.as_tensor(obs, dtype=torch.float64).clone())
             if bar is not None:
                 bar.update(1)
@@ -154,9 +109,9 @@ class LatentMC:
         return torch.stack(self.observables) if self.observables else torch.zeros(0, self.n_walkers)
 
 
-def sigmoid_schedule(n_steps: int, b0: float = 0.0, steepness: float = 6.0) -> np.ndarray:
-    """n_steps + 1 exponents from b0 to 1 along a logistic curve (dense at both ends)."""
-    s = 1.0 / (1.0 + np.exp(-np.linspace(-steepness, steepness, n_steps + 1)))
+def sigmoid_schedule(n_annealing_steps: int, b0: float = 0.0, steepness: float = 6.0) -> np.ndarray:
+    """n_annealing_steps + 1 exponents from b0 to 1 along a logistic curve (dense at both ends)."""
+    s = 1.0 / (1.0 + np.exp(-np.linspace(-steepness, steepness, n_annealing_steps + 1)))
     return b0 + (1.0 - b0) * (s - s[0]) / (s[-1] - s[0])
 
 
@@ -200,9 +155,9 @@ class SMCResult:
 
 
 class FlowPerturbationSMC:
-    """Sequential Monte Carlo on the weight exponent (ALGORITHM.md section 7).
+    """Sequential Monte Carlo on the weight exponent (docs/algorithm.md section 7).
 
-    Intermediate targets N(z) N(eps) W^b, b from ``b0`` to 1 on a sigmoid schedule of ``n_steps``;
+    Intermediate targets N(z) N(eps) W^b, b from ``b0`` to 1 on a sigmoid schedule of ``n_annealing_steps``;
     per step: incremental log-weights (b' - b) log W, systematic resampling when the ESS falls below
     ``resample_threshold`` x walkers, then ``sweeps`` latent-local Metropolis sweeps at b' with
     ``k`` latent and ``k_eps`` probe coordinates redrawn; k and k_eps shrink linearly from their first
@@ -211,14 +166,15 @@ class FlowPerturbationSMC:
     Parameters
     ----------
     flow, energy : as for :class:`LatentMC` (energy in kT).
-    n_walkers, n_steps, b0, sweeps, resample_threshold : protocol.
+    n_walkers, n_annealing_steps, b0, sweeps, resample_threshold : protocol (``n_annealing_steps``: SMC steps
+        of the exponent b, not integrator or MD steps).
     k, k_eps : (start, end) pairs or ints.
     estimator, n_probes, seed, exact_inverse, prior_scale : as for :class:`LatentMC`.
     checkpoint : str, optional
         Written atomically every ``checkpoint_every`` steps; :meth:`run` resumes from it.
     """
 
-    def __init__(self, flow: PerturbedFlow, energy: EnergyFn, n_walkers: int = 1000, n_steps: int = 2000, *,
+    def __init__(self, flow: PerturbedFlow, energy: EnergyFn, n_walkers: int = 1000, n_annealing_steps: int = 2000, *,
                  b0: float = 0.0, sweeps: int = 2, k: Union[int, Sequence[int]] = (100, 2),
                  k_eps: Union[int, Sequence[int]] = (100, 2), resample_threshold: float = 0.95,
                  estimator: str = "fp", n_probes: int = 1, seed: int = 0, exact_inverse: Optional[bool] = None,
@@ -227,16 +183,17 @@ class FlowPerturbationSMC:
         if not 0.0 <= b0 < 1.0:
             raise ValueError(f"b0 must lie in [0, 1), got {b0}")
         self.flow, self.energy = flow, energy
-        self.n_walkers, self.n_steps, self.sweeps = int(n_walkers), int(n_steps), int(sweeps)
+        self.n_walkers, self.n_annealing_steps, self.sweeps = int(n_walkers), int(n_annealing_steps), int(sweeps)
         self.k = (int(k), int(k)) if isinstance(k, int) else (int(k[0]), int(k[1]))
         self.k_eps = (int(k_eps), int(k_eps)) if isinstance(k_eps, int) else (int(k_eps[0]), int(k_eps[1]))
         self.threshold = float(resample_threshold)
         self.n_probes = int(n_probes)
         self.kw = dict(estimator=estimator, exact_inverse=exact_inverse, prior_scale=prior_scale)
-        self.b = sigmoid_schedule(self.n_steps, b0)
+        self.b = sigmoid_schedule(self.n_annealing_steps, b0)
         self.seed = int(seed)
         self.checkpoint, self.checkpoint_every = checkpoint, int(checkpoint_every)
-        self.config = {"n_walkers": self.n_walkers, "n_steps": self.n_steps, "b0": float(b0), "sweeps": self.sweeps,
+        self.config = {"n_walkers": self.n_walkers, "n_annealing_steps": self.n_annealing_steps, "b0": float(b0),
+                       "sweeps": self.sweeps,
                        "k": list(self.k), "k_eps": list(self.k_eps), "threshold": self.threshold,
                        "estimator": estimator, "n_probes": self.n_probes, "seed": self.seed}
 
@@ -246,28 +203,29 @@ class FlowPerturbationSMC:
 
         t0 = time.perf_counter()
         N, D = self.n_walkers, self.flow.dim
-        ck = _load(self.checkpoint, "SMC", self.config)
+        ck = load_checkpoint(self.checkpoint, "SMC", self.config)
         if ck is not None:
-            noise, st, step = Noise(**ck["noise"]), ck["state"], ck["step"]
+            noise, st, step = Noise(**ck["noise"]), ChainState(**ck["state"]), ck["step"]
             lwn, log_z, anc = ck["lwn"], ck["log_z"], ck["ancestors"]
             ess_t, acc_t, n_res, elapsed = ck["ess"], ck["acceptance"], ck["n_resampled"], ck["elapsed"]
         else:
             noise = Noise(self.seed)
-            st = _initial_state(self.flow, self.energy, N, noise, self.n_probes, self.kw)
+            st = initial_state(self.flow, self.energy, N, noise, self.n_probes, **self.kw)
             step, lwn = 0, torch.full((N,), -math.log(N), dtype=torch.float64)
             log_z, anc = 0.0, torch.arange(N)
             ess_t, acc_t, n_res, elapsed = [], [], 0, 0.0
             if self.b[0] > 0:  # prior draws weighted by W^b0 represent N(z) N(eps) W^b0
-                inc = self.b[0] * st["log_w"]
+                inc = self.b[0] * st.log_w
                 log_z = float(torch.logsumexp(lwn + inc, 0))
                 lwn = lwn + inc - torch.logsumexp(lwn + inc, 0)
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=self.n_steps, initial=step, desc=f"SMC ({self.kw['estimator']})", unit="step")
-        while step < self.n_steps:
+            bar = tqdm(total=self.n_annealing_steps, initial=step, desc=f"SMC ({self.kw['estimator']})",
+                       unit="step")
+        while step < self.n_annealing_steps:
             b_prev, b_next = self.b[step], self.b[step + 1]
-            inc = (b_next - b_prev) * st["log_w"]
+            inc = (b_next - b_prev) * st.log_w
             inc = torch.where(torch.isnan(inc), torch.full_like(inc, -math.inf), inc)
             tot = torch.logsumexp(lwn + inc, 0)
             log_z += float(tot)
@@ -276,27 +234,27 @@ class FlowPerturbationSMC:
             ess_t.append(ess)
             if ess < self.threshold:
                 idx = _systematic(torch.exp(lwn), noise.uniform(1))
-                st = {key: v[idx] for key, v in st.items()}
+                st = st.take(idx)
                 anc = anc[idx]
                 lwn = torch.full((N,), -math.log(N), dtype=torch.float64)
                 n_res += 1
-            kk = _linear(self.k[0], self.k[1], step, self.n_steps, D)
-            ke = _linear(self.k_eps[0], self.k_eps[1], step, self.n_steps, D)
-            accs = [latent_sweep(self.flow, self.energy, st, noise, b_next, kk, ke, **self.kw)
+            kk = _linear(self.k[0], self.k[1], step, self.n_annealing_steps, D)
+            ke = _linear(self.k_eps[0], self.k_eps[1], step, self.n_annealing_steps, D)
+            accs = [latent_step(self.flow, self.energy, st, noise, b_next, kk, ke, **self.kw)[0]
                     for _ in range(self.sweeps)]
             acc_t.append(float(torch.stack(accs).double().mean()) if accs else float("nan"))
             step += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(b=f"{b_next:.3f}", ess=f"{ess:.2f}", acc=f"{acc_t[-1]:.3f}")
-            if self.checkpoint is not None and (step % self.checkpoint_every == 0 or step == self.n_steps):
-                _save(self.checkpoint, {"kind": "SMC", "config": self.config, "state": st, "step": step,
-                                        "lwn": lwn, "log_z": log_z, "ancestors": anc, "ess": ess_t,
-                                        "acceptance": acc_t, "n_resampled": n_res,
-                                        "elapsed": elapsed + time.perf_counter() - t0, "noise": noise.state()})
+            if self.checkpoint is not None and (step % self.checkpoint_every == 0 or step == self.n_annealing_steps):
+                save_checkpoint(self.checkpoint, "SMC", self.config, {
+                    "state": st.as_dict(), "step": step, "lwn": lwn, "log_z": log_z, "ancestors": anc, "ess": ess_t,
+                    "acceptance": acc_t, "n_resampled": n_res, "elapsed": elapsed + time.perf_counter() - t0,
+                    "noise": noise.state()})
         if bar is not None:
             bar.close()
-        return SMCResult(x=st["x"], log_w=st["log_w"], w=st["w"], eps=st["eps"], weights=torch.exp(lwn),
+        return SMCResult(x=st.x, log_w=st.log_w, w=st.w, eps=st.eps, weights=torch.exp(lwn),
                          log_z=log_z, ess=np.asarray(ess_t), acceptance=np.asarray(acc_t), b=self.b,
                          n_resampled=n_res, n_ancestors=int(torch.unique(anc).numel()),
                          wall_time_s=elapsed + time.perf_counter() - t0)

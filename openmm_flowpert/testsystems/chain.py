@@ -15,7 +15,6 @@ Pure torch.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch

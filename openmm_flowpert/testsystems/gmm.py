@@ -1,4 +1,4 @@
-"""The two-well Gaussian mixture of the flow-perturbation paper (ALGORITHM.md section 8).
+"""The two-well Gaussian mixture of the flow-perturbation paper (docs/algorithm.md section 8).
 
 Pure torch: the energy (reduced units, kT) and exact samples. The OpenMM version of the same
 target (a ``TorchForce``) builds on this class.

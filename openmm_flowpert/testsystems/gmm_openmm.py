@@ -16,11 +16,11 @@ import openmm
 import openmm.app
 from openmm import unit
 
+from ..energies.reduced_potential import kT_kJ_per_mol
 from .gmm import GaussianMixtureTarget
 
 __all__ = ["GaussianMixture", "GaussianMixtureEnergy"]
 
-_R = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 
 
 class GaussianMixtureEnergy(torch.nn.Module):
@@ -41,7 +41,7 @@ class GaussianMixtureEnergy(torch.nn.Module):
         self.inv_scale = 1.0 / float(length_scale)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        # one batched matmul: the cheapest variant measured for openmm-torch's forward + backward
+        # one batched matmul for both wells (openmm-torch runs forward + backward on every call)
         x = positions.to(torch.float64).reshape(1, 1, -1) * self.inv_scale   # GMM units
         z = torch.bmm(x - self.means, self.whiten).squeeze(1)                 # (2, d) whitened
         log_p = self.log_norm - 0.5 * (z * z).sum(-1)
@@ -90,7 +90,7 @@ class GaussianMixture:
                          else float(temperature))
         self.n_particles = int(n_particles)
         self.temperature = temperature_K * unit.kelvin
-        self.kT = _R * temperature_K
+        self.kT = kT_kJ_per_mol(temperature_K)
         self.length_scale = float(length_scale)
         self.target = GaussianMixtureTarget(dim=3 * self.n_particles, weights=weights,
                                             separation=separation, seed=seed)

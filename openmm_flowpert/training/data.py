@@ -1,0 +1,108 @@
+"""Data preparation for flow matching: positions -> the flow's training coordinates.
+
+Checks the sample array, removes the centre of mass where the flow is mean-free, fits the flow's
+fixed transform (any registered :class:`~openmm_flowpert.flow.FixedTransform`: normalized
+internal coordinates for molecules with a topology, scaled Cartesians otherwise), maps the samples
+through its inverse, and splits them into training and validation sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..flow import FixedTransform, get_transform
+from ..noise import project_mean_free
+
+__all__ = ["TrainingData", "prepare_data", "as_samples", "split"]
+
+
+@dataclass
+class TrainingData:
+    """Samples in the flow's coordinates, ready for training.
+
+    Attributes
+    ----------
+    x : Tensor (n, 3N or d), float64
+        The samples as given (mean-free when ``remove_com``), flattened.
+    n_atoms : int
+        Atoms of molecular samples (0 for (n, d) arrays).
+    remove_com : bool
+        The positions are mean-free.
+    transform : FixedTransform
+        The fitted fixed transform y -> x.
+    n_particles : int
+        Particles over which the CNF is mean-free (0: plain).
+    y_train, y_val : Tensor, float32
+        Training and validation samples in the CNF's coordinates (on the training device).
+    """
+
+    x: torch.Tensor
+    n_atoms: int
+    remove_com: bool
+    transform: FixedTransform
+    n_particles: int
+    y_train: torch.Tensor
+    y_val: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        """Coordinates D of the CNF."""
+        return int(self.y_train.shape[1])
+
+
+def as_samples(samples, remove_com: Optional[bool]):
+    """Checked float64 samples flattened to (n, 3N or d), their atom count and the mean-free choice."""
+    x = torch.as_tensor(np.asarray(samples), dtype=torch.float64)
+    if x.dim() == 3:
+        if x.shape[-1] != 3:
+            raise ValueError(f"molecular samples must have shape (n_samples, n_atoms, 3) in nm; got {tuple(x.shape)}")
+        n_atoms = x.shape[1]
+        remove_com = True if remove_com is None else bool(remove_com)
+        if remove_com and n_atoms < 2:
+            raise ValueError("remove_com=True needs at least 2 atoms; use remove_com=False")
+        x = x.reshape(x.shape[0], -1)
+    elif x.dim() == 2:
+        n_atoms = 0
+        if remove_com:
+            raise ValueError("remove_com=True needs molecular samples of shape (n_samples, n_atoms, 3)")
+        remove_com = False
+    else:
+        raise ValueError(f"samples must be (n_samples, n_atoms, 3) or (n_samples, d); got {tuple(x.shape)}")
+    if x.shape[0] < 10:
+        raise ValueError(f"need at least 10 samples to train a flow, got {x.shape[0]}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("samples contain NaN or infinite coordinates")
+    return x, n_atoms, remove_com
+
+
+def split(y: torch.Tensor, validation_fraction: float, generator: torch.Generator, device: torch.device):
+    """(training, validation) rows of y in a seeded random order, moved to ``device``."""
+    perm = torch.randperm(y.shape[0], generator=generator)
+    n_val = max(1, int(round(validation_fraction * y.shape[0]))) if validation_fraction > 0 else 0
+    return y[perm[n_val:]].to(device), y[perm[:n_val]].to(device)
+
+
+def prepare_data(samples, *, coordinates: str, topology=None, remove_com: Optional[bool] = None,
+                 validation_fraction: float, generator: torch.Generator,
+                 device: torch.device = torch.device("cpu")) -> TrainingData:
+    """Samples -> :class:`TrainingData` for the transform registered as ``coordinates``.
+
+    The split draws from ``generator`` (the training continues on it). Transforms marked
+    ``molecular`` need (n, N >= 3, 3) samples and work on mean-free positions.
+    """
+    kind = get_transform(coordinates)
+    x, n_atoms, remove_com = as_samples(samples, True if kind.molecular else remove_com)
+    if kind.molecular and n_atoms < 3:
+        raise ValueError(f"{coordinates} coordinates need molecular samples (n_samples, n_atoms >= 3, 3)")
+    if remove_com:
+        x = project_mean_free(x, n_atoms)
+    transform = kind.from_samples(x, n_atoms, bool(remove_com), topology=topology)
+    y, _ = transform.inverse(x)
+    keep = torch.isfinite(y).all(1)
+    if int(keep.sum()) < 10:
+        raise ValueError(f"fewer than 10 samples have valid {coordinates} coordinates (collinear atoms?)")
+    y_train, y_val = split(y[keep].float(), validation_fraction, generator, device)
+    return TrainingData(x, n_atoms, bool(remove_com), transform, transform.cnf_particles(), y_train, y_val)

@@ -1,0 +1,175 @@
+"""Training in parts (config, data, trainer, validation), the transform registry and the typed flow
+metadata: one set of defaults for train_flow and ``flowpert train``, trainer state round trips,
+transforms rebuilt from their spec, sizes and noise backend recorded in flow files."""
+import dataclasses
+import inspect
+import json
+import warnings
+
+import pytest
+import torch
+
+import openmm_flowpert as fp
+from openmm_flowpert.flow import TRANSFORMS, Affine, get_transform, register_transform, transform_from_state
+from openmm_flowpert.flow.metadata import FlowMetadata
+from openmm_flowpert.testsystems import GaussianMixtureTarget, TorsionChain
+from openmm_flowpert.training import DEFAULTS, FlowTrainer, TrainingConfig, prepare_data
+
+SMALL = dict(epochs=2, hidden=16, n_layers=2, n_steps=4, lr=2e-3, ema=0.995, progress=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    return TorsionChain(5)
+
+
+@pytest.fixture(scope="module")
+def chain_x(chain):
+    return chain.sample_training(400, seed=0)
+
+
+def _train_parser():
+    import argparse
+
+    from openmm_flowpert.cli import train
+
+    p = argparse.ArgumentParser()
+    train.add_parser(p.add_subparsers())
+    return p
+
+
+def test_one_set_of_defaults_for_library_and_cli():
+    sig = inspect.signature(fp.train_flow).parameters
+    cli = _train_parser().parse_args(["train", "--data", "d.dcd", "--out", "f.pt"])
+    for f in dataclasses.fields(TrainingConfig):
+        assert sig[f.name].default == getattr(DEFAULTS, f.name), f.name
+        assert getattr(cli, f.name) == getattr(DEFAULTS, f.name), f.name
+    # the defaults the command line used before (the README recipe, the bundled flow)
+    assert (DEFAULTS.hidden, DEFAULTS.n_layers, DEFAULTS.batch_size, DEFAULTS.lr, DEFAULTS.ema, DEFAULTS.n_steps,
+            DEFAULTS.epochs, DEFAULTS.patience) == (256, 3, 256, 1e-3, 0.999, 20, 300, None)
+
+
+def test_cli_spellings_old_and_new():
+    p = _train_parser()
+    new = p.parse_args(["train", "--data", "d", "--out", "f", "--n-layers", "2", "--batch-size", "64",
+                        "--n-steps", "4", "--minutes", "1.5"])
+    old = p.parse_args(["train", "--data", "d", "--out", "f", "--layers", "2", "--batch", "64", "--steps", "4",
+                        "--minutes", "1.5"])
+    for name in ("n_layers", "batch_size", "n_steps", "minutes"):
+        assert getattr(new, name) == getattr(old, name)
+    assert (new.n_layers, new.batch_size, new.n_steps, new.minutes) == (2, 64, 4, 1.5)
+    helptext = p._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--layers" not in helptext and "--n-layers" in helptext and "(default: 0.999)" in helptext
+
+
+def test_config_checks_and_minutes_alias(chain, chain_x):
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainingConfig(batch_size=0)
+    with pytest.raises(ValueError, match="former name"):
+        fp.train_flow(chain_x, topology=chain.topology, minutes=1.0, max_minutes=1.0, **SMALL)
+    with pytest.raises(ValueError, match="unknown transform"):
+        fp.train_flow(chain_x, coordinates="polar", **SMALL)
+    with pytest.raises(ValueError, match="molecular flows"):  # before any training
+        fp.train_flow(GaussianMixtureTarget(dim=4).sample(100, seed=0), energy=lambda x: x, **SMALL)
+
+
+def test_trainer_state_dict_resumes_bit_for_bit(chain, chain_x):
+    """An epoch-by-epoch run and a run restarted from state_dict() after epoch 1 end identical."""
+    def parts():
+        cfg = TrainingConfig(**{k: v for k, v in SMALL.items() if k != "progress"})
+        gen = torch.Generator().manual_seed(cfg.seed)
+        data = prepare_data(chain_x, coordinates="internal", topology=chain.topology, validation_fraction=0.1,
+                            generator=gen)
+        return FlowTrainer(data, cfg, gen)
+
+    full = parts()
+    full.fit(progress=False)
+    first = parts()
+    first.record(1, first.validation_loss(first.train_epoch()))
+    state = first.state_dict()
+    resumed = parts()
+    resumed.load_state_dict(state)
+    resumed.fit(progress=False)
+    assert resumed.epoch == full.epoch == 2 and resumed.best == full.best
+    for a, b in zip(full.best_velocity().state_dict().values(), resumed.best_velocity().state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="another run"):
+        parts().load_state_dict(dict(state, seed=99))
+
+
+@pytest.mark.parametrize("coordinates", sorted(TRANSFORMS))
+def test_registered_transforms_rebuild_from_spec(chain, chain_x, coordinates):
+    x = torch.as_tensor(chain_x, dtype=torch.float64).reshape(len(chain_x), -1)
+    x = fp.noise.project_mean_free(x, 5)
+    t = get_transform(coordinates).from_samples(x, 5, True, topology=chain.topology)
+    spec = json.loads(json.dumps(t.spec()))  # what a flow file stores
+    again = transform_from_state(spec, t.state_dict())
+    y, ld = t.inverse(x[:8])
+    y2, ld2 = again.inverse(x[:8])
+    assert torch.equal(y, y2) and torch.equal(ld, ld2)
+    assert torch.equal(t(y)[0], again(y)[0])
+    assert set(t.flow_layout(y.shape[1], t.cnf_particles())) >= {"coordinates", "x_dim", "mean_free"}
+
+
+def test_flow_records_sizes_transform_and_backend(chain, chain_x):
+    flow = fp.train_flow(chain_x, topology=chain.topology, n_freq=3, **SMALL)
+    m = flow.info
+    assert m.velocity == {"kind": "VelocityMLP", "dim": 9, "hidden": 16, "n_layers": 2, "n_freq": 3}
+    assert m.transform == {"name": "internal", "config": {"n_atoms": 5}}
+    assert m.noise_backend == fp.noise.backend() and m.training["epochs"] == 2
+    assert FlowMetadata.from_json(m.to_json()) == m and m.to_json() == flow.metadata
+
+
+def test_old_metadata_still_loads_and_rescripts(chain, chain_x, tmp_path):
+    """A file without the new entries: its transform comes from "coordinates", the sizes from the
+    weights; rescripted() then records them. The recorded sizes are what rescripted() uses."""
+    flow = fp.train_flow(chain_x, coordinates="cartesian", **SMALL)
+    old = {k: v for k, v in flow.metadata.items() if k not in ("velocity", "transform", "noise_backend")}
+    legacy = fp.PerturbedFlow(flow.module, old)
+    legacy.save(tmp_path / "old.pt")
+    loaded = fp.PerturbedFlow.load(tmp_path / "old.pt")
+    assert loaded.info.transform == {"name": "cartesian", "config": {"n_particles": 5}}
+    assert loaded.info.velocity is None and loaded.info.noise_backend is None
+    new = loaded.rescripted()
+    assert new.metadata["velocity"] == flow.metadata["velocity"] and new.metadata["transform"] == flow.metadata[
+        "transform"]
+    a, b = flow.propose(8, fp.Noise(1)), new.propose(8, fp.Noise(1))
+    assert torch.equal(a.x, b.x) and torch.equal(a.log_q, b.log_q)
+    wrong = fp.PerturbedFlow(flow.module, dict(flow.metadata, velocity=dict(flow.metadata["velocity"], n_freq=7)))
+    with pytest.raises(ValueError, match="not a VelocityMLP"):
+        wrong.rescripted()
+
+
+def test_load_warns_when_the_noise_backend_differs(chain, chain_x, tmp_path):
+    flow = fp.train_flow(chain_x, coordinates="cartesian", **SMALL)
+    other = "torch" if fp.noise.backend() == "native" else "native"
+    fp.PerturbedFlow(flow.module, dict(flow.metadata, noise_backend=other)).save(tmp_path / "other.pt")
+    with pytest.warns(UserWarning, match="noise backend") as rec:
+        fp.PerturbedFlow.load(tmp_path / "other.pt")
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    flow.save(tmp_path / "same.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp.PerturbedFlow.load(tmp_path / "same.pt")
+
+
+def test_a_new_transform_plugs_in_without_new_branches(chain_x):
+    """A registered transform is fitted by train_flow(coordinates=name), compiled, saved and
+    re-compiled with no change to PerturbedFlow or the training code."""
+
+    @register_transform
+    class HalfScale(Affine):
+        name = "test-half-scale"
+
+        @classmethod
+        def from_samples(cls, x, n_atoms, mean_free, topology=None):
+            return cls(x.mean(0), 0.5 * (x - x.mean(0)).std(0).clamp_min(1e-6), n_particles=0)
+
+    try:
+        flow = fp.train_flow(chain_x, coordinates="test-half-scale", remove_com=False, **SMALL)
+        assert flow.metadata["transform"]["name"] == "test-half-scale" and flow.d == 15
+        new = flow.rescripted()
+        assert new.metadata["transform"] == flow.metadata["transform"]
+        assert torch.equal(new.sample(4, seed=1), flow.sample(4, seed=1))
+    finally:
+        TRANSFORMS.pop("test-half-scale")
