@@ -23,8 +23,8 @@ import torch
 from .noise import Noise
 from .perturbed_flow import PerturbedFlow
 
-__all__ = ["EnergyFn", "ChainState", "reduced_energies", "log_weights", "metropolis_accept", "latent_proposal",
-           "latent_step", "independent_step", "sequential_chain", "initial_state", "refreshed_state",
+__all__ = ["EnergyFn", "DomainFn", "ChainState", "reduced_energies", "log_weights", "metropolis_accept",
+           "latent_proposal", "latent_step", "independent_step", "sequential_chain", "initial_state", "refreshed_state",
            "check_energy_invariance"]
 
 #: A batched reduced potential: positions (B, n_atoms, 3) in nm, or (B, D), to u (B,) in kT.
@@ -191,24 +191,36 @@ def latent_proposal(flow: PerturbedFlow, w: torch.Tensor, eps: torch.Tensor, noi
     return w_new, eps_new, x, log_q
 
 
-def _accept_and_update(state: ChainState, new: ChainState, noise: Noise, b: float = 1.0) -> torch.Tensor:
+#: Tells which proposals (a ChainState of them) lie in the chain's domain: a bool tensor, one per row.
+DomainFn = Callable[[ChainState], torch.Tensor]
+
+
+def _accept_and_update(state: ChainState, new: ChainState, noise: Noise, b: float = 1.0,
+                       in_domain: Optional[DomainFn] = None) -> torch.Tensor:
     bb = max(float(b), 1e-12)  # b = 0: every finite proposal is accepted, non-finite ones never
     acc = metropolis_accept(bb * state.log_w, bb * new.log_w, noise.uniform(state.log_w.shape[0]))
+    if in_domain is not None and bool(acc.any()):  # only proposals about to be accepted need the test
+        rows = acc.nonzero().squeeze(1)
+        acc = acc.clone()
+        acc[rows] = in_domain(new.take(rows))
     state.update(acc, new)
     return acc
 
 
 def latent_step(flow: PerturbedFlow, energy: EnergyFn, state: ChainState, noise: Noise, b: float = 1.0,
                 k: Union[int, torch.Tensor] = 2, k_eps: Union[int, torch.Tensor] = 2,
-                place: Optional[PlaceFn] = None, **kw) -> Tuple[torch.Tensor, torch.Tensor]:
+                place: Optional[PlaceFn] = None, in_domain: Optional[DomainFn] = None,
+                **kw) -> Tuple[torch.Tensor, torch.Tensor]:
     """One latent-local Metropolis step of every chain of ``state`` (updated in place).
 
-    The target of the extended chain is N(w) N(eps) W^b. Returns (accepted (B,) bool, log W' of
-    the proposals (B,) in nats, -inf where the energy or the flow output was not finite).
+    The target of the extended chain is N(w) N(eps) W^b. ``in_domain`` (see
+    :func:`sequential_chain`) turns proposals outside the chain's domain into rejections. Returns
+    (accepted (B,) bool, log W' of the proposals (B,) in nats, -inf where the energy or the flow
+    output was not finite).
     """
     w_new, eps_new, xp, lq = latent_proposal(flow, state.w, state.eps, noise, k, k_eps, reference=state.x, **kw)
     new = _state(energy, xp, lq, w_new, eps_new, place)
-    return _accept_and_update(state, new, noise, b), new.log_w
+    return _accept_and_update(state, new, noise, b, in_domain), new.log_w
 
 
 def independent_step(flow: PerturbedFlow, energy: EnergyFn, state: ChainState, noise: Noise,
@@ -222,17 +234,25 @@ def independent_step(flow: PerturbedFlow, energy: EnergyFn, state: ChainState, n
     return _accept_and_update(state, new, noise), new.log_w
 
 
-def sequential_chain(log_w: torch.Tensor, log_w_new: torch.Tensor, uniform: torch.Tensor) -> Tuple[int, int]:
+def sequential_chain(log_w: torch.Tensor, log_w_new: torch.Tensor, uniform: torch.Tensor,
+                     in_domain: Optional[Callable[[int], bool]] = None) -> Tuple[int, int, int]:
     """One chain through a batch of independence proposals evaluated together.
 
     ``log_w`` (1,) is the current state's log W, ``log_w_new`` (n,) the proposals', ``uniform``
     (n,) one uniform per proposal. Proposal i is tested against the state the chain holds after
     proposals 0..i-1 (independence Metropolis, so their order is irrelevant to exactness).
-    Returns (index of the final state, -1 if it is still the initial one; number accepted).
+
+    ``in_domain(i)`` is asked only for a proposal that passes the test, and a proposal outside the
+    domain is rejected: the chain then samples the target restricted to its domain and never
+    enters a state it could not leave (docs/algorithm.md section 4.8). Returns (index of the final
+    state, -1 if it is still the initial one; number accepted; number refused as outside the domain).
     """
-    current, best, n_accepted = log_w, -1, 0
+    current, best, n_accepted, n_outside = log_w, -1, 0, 0
     for i in range(log_w_new.shape[0]):
         if bool(metropolis_accept(current, log_w_new[i:i + 1], uniform[i:i + 1])):
+            if in_domain is not None and not in_domain(i):
+                n_outside += 1
+                continue
             current, best = log_w_new[i:i + 1], i
             n_accepted += 1
-    return best, n_accepted
+    return best, n_accepted, n_outside

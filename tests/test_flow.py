@@ -156,3 +156,21 @@ def test_a_nan_row_does_not_hold_up_the_inverse_of_the_others():
     assert torch.isnan(z[3]).all() and not torch.isnan(z[torch.arange(8) != 3]).any()
     assert (z[torch.arange(8) != 3] - clean[torch.arange(8) != 3]).abs().max() < 1e-11
     assert counting.calls < 2 * calls_clean, (counting.calls, calls_clean)
+
+
+def test_inverse_at_its_iteration_cap_returns_only_checked_points():
+    """Issue 14, edge case 3: when the iteration cap is reached, the point returned must have had
+    its residual checked. A diverging plain iteration (Euler, h c = -1.5) started from a guess whose
+    residual is 0.8e3 x tol returns an iterate with residual 1.2e3 x tol: that row must be NaN (the
+    old code returned it unchecked); a guess 10x closer passes the 1e3 x tol bound and is returned."""
+    tol = 1e-10
+    cnf = torch.jit.script(CNF(_Linear(3, -1.5), time_grid(1, "uniform"), scheme="euler", inverse_memory=0,
+                               inverse_max_iter=1, inverse_tol=tol))
+    x = torch.tensor([[0.3, -0.2, 0.1], [0.3, -0.2, 0.1]], dtype=torch.float64)
+    scale = 1.0 + x.abs().amax(1, keepdim=True)
+    d = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64) * scale * 2 * tol * torch.tensor([[800.0], [80.0]])
+    y = cnf.inverse_step(0, x, True, -2.0 * x + d)       # exact preimage -2x, perturbed by d
+    assert torch.isnan(y[0]).all()
+    assert torch.isfinite(y[1]).all()
+    residual = (cnf.step(0, y[1:]) - x[1:]).abs().amax() / scale[1]
+    assert residual <= 1e3 * tol

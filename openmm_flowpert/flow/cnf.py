@@ -130,7 +130,9 @@ class CNF(nn.Module):
         """Phi_k^{-1}(x). ``exact=True``: solve y = g(y) := x - h Psi(y) from ``guess`` (default:
         :meth:`reverse_step`) by Anderson-accelerated iteration (depth ``inverse_memory``) until the
         residual max|g(y) - y| / (1 + max|x|) <= ``inverse_tol``; returns g(y) of the last iterate.
-        Rows that do not converge become NaN. ``exact=False``: :meth:`reverse_step` alone."""
+        At the iteration cap the returned point's residual is checked once more: rows above
+        1e3 ``inverse_tol`` (or not finite) become NaN, so no unchecked extrapolation is returned.
+        ``exact=False``: :meth:`reverse_step` alone."""
         if guess is None:
             y = self.reverse_step(k, x)
         else:
@@ -145,6 +147,7 @@ class CNF(nn.Module):
         dG = torch.zeros(B, m, D, dtype=x.dtype, device=x.device)  # image differences
         f_prev = torch.zeros_like(x)
         g_prev = torch.zeros_like(x)
+        converged = False
         for it in range(self.inverse_max_iter):
             g = x - h * self.increment(self.t[k], h, y)
             f = g - y
@@ -152,6 +155,7 @@ class CNF(nn.Module):
             done = (err <= self.inverse_tol) | ~torch.isfinite(err)   # non-finite rows end as NaN below
             if bool(done.all()):
                 y = g
+                converged = True
                 break
             n = min(it, m)
             if n == 0:
@@ -172,6 +176,10 @@ class CNF(nn.Module):
                 f_prev = f
                 g_prev = g
             y = torch.where(done.unsqueeze(1), g, y_next)   # converged rows stay put
+        if not converged:  # the cap: the last (extrapolated) iterate is returned only if its residual passes
+            g = x - h * self.increment(self.t[k], h, y)
+            err = (g - y).abs().amax(dim=1) / scale
+            y = g
         bad = ~(err <= 1e3 * self.inverse_tol)
         if bool(bad.any()):
             y = torch.where(bad.unsqueeze(1), torch.full_like(y, float("nan")), y)

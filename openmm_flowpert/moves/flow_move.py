@@ -29,6 +29,10 @@ __all__ = ["FlowPerturbationMove", "load_flow_cached"]
 
 _FLOW_CACHE: Dict[tuple, PerturbedFlow] = {}
 
+#: A proposal is in the chain's domain when the exact inverse of its positions returns its latent
+#: point to within this relative tolerance (the inverse itself converges to ~1e-13 per step).
+DOMAIN_RTOL = 1e-7
+
 
 def load_flow_cached(path: str, checksum: Optional[str] = None, device: Optional[str] = None) -> PerturbedFlow:
     """Load a flow file once per process (keyed by absolute path, SHA-256 and torch device).
@@ -108,6 +112,13 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         default: the CPU). Noise is drawn there too (the same numbers as on the CPU), so results
         depend on the device only through floating-point summation order. A flow object given as
         ``flow`` is moved there.
+    domain_check : bool, default True
+        Accept a proposal only if the exact inverse of its positions converges back to the latent
+        point that made it (:meth:`_in_domain`; one exact inverse per acceptance, about 1.7x the
+        cost of an ``apply`` on the bundled flow, docs/benchmarks.md section 5). This keeps the
+        move from entering states its refresh cannot weigh and handles steps that are not
+        one-to-one (docs/algorithm.md section 4.8). ``False`` is exact only while
+        ``n_refresh_failed`` stays 0 and every step is one-to-one.
     reassign_velocities : bool, default True
         After an accepted proposal, velocities are redrawn from Maxwell-Boltzmann at the state's
         temperature; this keeps the joint (positions, velocities) distribution exact. Velocities
@@ -115,9 +126,12 @@ class FlowPerturbationMove(mcmc.MCMCMove):
 
     Attributes
     ----------
-    n_accepted, n_proposed, n_nonfinite, n_refresh_failed : int
+    n_accepted, n_proposed, n_nonfinite, n_refresh_failed, n_outside_domain : int
         Accepted and proposed candidates; candidates rejected because their energy or flow output
-        was not finite; calls skipped because the exact inverse of the current positions failed.
+        was not finite; calls skipped because the exact inverse of the current positions failed
+        (positions that MD brought outside the flow's domain: the move leaves them to MD);
+        candidates that passed the Metropolis test but were refused because the exact inverse of
+        their positions fails or finds another latent point (see :meth:`_in_domain`).
 
     Examples
     --------
@@ -134,7 +148,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                  proposal: str = "independent", k: int = 2, k_eps: int = 2, exact_inverse: Optional[bool] = None,
                  prior_scale: Union[None, float, str, Callable[[float], float]] = None,
                  platform: Optional[str] = None, n_workers: Optional[int] = None, seed: Optional[int] = None,
-                 reassign_velocities: bool = True, device: Optional[str] = None):
+                 reassign_velocities: bool = True, device: Optional[str] = None, domain_check: bool = True):
         self.device = None if device is None else str(device)
         if isinstance(flow, PerturbedFlow):
             if self.device is not None:
@@ -169,6 +183,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.n_workers = n_workers
         self.seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
         self.reassign_velocities = bool(reassign_velocities)
+        self.domain_check = bool(domain_check)
         self._calls = 0
         self.reset_statistics()
         self._energies: Dict[int, ReducedPotential] = {}
@@ -182,12 +197,14 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.n_proposed = 0
         self.n_nonfinite = 0
         self.n_refresh_failed = 0
+        self.n_outside_domain = 0
 
     @property
     def statistics(self) -> dict:
-        """n_accepted, n_proposed, n_nonfinite, n_refresh_failed (plain ints)."""
+        """n_accepted, n_proposed, n_nonfinite, n_refresh_failed, n_outside_domain (plain ints)."""
         return {"n_accepted": int(self.n_accepted), "n_proposed": int(self.n_proposed),
-                "n_nonfinite": int(self.n_nonfinite), "n_refresh_failed": int(self.n_refresh_failed)}
+                "n_nonfinite": int(self.n_nonfinite), "n_refresh_failed": int(self.n_refresh_failed),
+                "n_outside_domain": int(self.n_outside_domain)}
 
     @statistics.setter
     def statistics(self, value: dict) -> None:
@@ -195,6 +212,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.n_proposed = int(value["n_proposed"])
         self.n_nonfinite = int(value.get("n_nonfinite", 0))
         self.n_refresh_failed = int(value.get("n_refresh_failed", 0))
+        self.n_outside_domain = int(value.get("n_outside_domain", 0))
 
     @property
     def acceptance(self) -> float:
@@ -302,6 +320,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         def place(xp: torch.Tensor) -> torch.Tensor:  # flow output -> positions of this system (nm)
             return xp.reshape(-1, *x0.shape[1:]) + centre
 
+        s = kw["prior_scale"]
         n_accepted = 0
         if self.proposal == "independent":
             prop = self._flow.propose(self.n_proposals, noise, reference=x0, **kw)
@@ -310,17 +329,38 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             lw_new = log_weights(reduced_energies(energy, xs), prop.log_q)
             clock.lap("energies")
             self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
-            best, n_accepted = sequential_chain(state.log_w, lw_new, noise.uniform(self.n_proposals))
+            best, n_accepted, n_outside = sequential_chain(
+                state.log_w, lw_new, noise.uniform(self.n_proposals),
+                (lambda i: bool(self._in_domain(xs[i:i + 1], prop.w[i:i + 1], s))) if self.domain_check else None)
+            self.n_outside_domain += n_outside
+            clock.lap("domain")
             if best >= 0:
                 state.x, state.log_w = xs[best:best + 1], lw_new[best:best + 1]
         else:
+            def in_domain(new: ChainState) -> torch.Tensor:
+                ok = self._in_domain(new.x, new.w, s)
+                self.n_outside_domain += int((~ok).sum())
+                return ok
+
             for _ in range(self.n_proposals):
-                acc, lw_new = latent_step(self._flow, energy, state, noise, 1.0, self.k, self.k_eps, place=place, **kw)
+                acc, lw_new = latent_step(self._flow, energy, state, noise, 1.0, self.k, self.k_eps, place=place,
+                                          in_domain=in_domain if self.domain_check else None, **kw)
                 clock.lap("proposals")
                 self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
                 n_accepted += int(acc.sum())
         self.n_accepted += n_accepted
         return n_accepted > 0
+
+    def _in_domain(self, x: torch.Tensor, w: torch.Tensor, prior_scale: float) -> torch.Tensor:
+        """Whether proposals x (B, N, 3) nm, made from latent states w (B, D), lie in the chain's
+        domain: the exact inverse that refreshes a current state must converge on x and find the
+        latent point z = s P w that produced it (a different preimage means a step that is not
+        one-to-one there). Tested only for proposals about to be accepted, so the move never
+        enters a state its refresh could not weigh (docs/algorithm.md section 4.8)."""
+        z = self._flow.latent(w, prior_scale)
+        back = self._flow.inverse(x.reshape(x.shape[0], -1) if self._flow.n_atoms == 0 else x)
+        tol = DOMAIN_RTOL * (1.0 + z.abs().amax(1))
+        return torch.isfinite(back).all(1) & ((back - z).abs().amax(1) <= tol)
 
     def _refresh_auxiliary(self, x: torch.Tensor, noise: Noise, kw: dict):
         """The Gibbs refresh of the auxiliary directions given x, u ~ rho(u | x) (never uniform:
@@ -364,7 +404,8 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                 "prior_scale": None if self.prior_scale is None else
                 (self.prior_scale if isinstance(self.prior_scale, str) else float(self.prior_scale)),
                 "platform": self.platform, "n_workers": self.n_workers, "seed": int(self.seed),
-                "reassign_velocities": self.reassign_velocities, "device": self.device, "calls": int(self._calls),
+                "reassign_velocities": self.reassign_velocities, "device": self.device,
+                "domain_check": self.domain_check, "calls": int(self._calls),
                 "statistics": self.statistics}
 
     def __setstate__(self, state: dict) -> None:
@@ -375,6 +416,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         for name in ("n_proposals", "estimator", "proposal", "k", "k_eps", "exact_inverse", "prior_scale",
                      "platform", "n_workers", "seed", "reassign_velocities"):
             setattr(self, name, state[name])
+        self.domain_check = bool(state.get("domain_check", True))
         self._calls = int(state.get("calls", 0))
         self.statistics = state["statistics"]
         self._energies, self._validated, self.timing = {}, set(), {}
