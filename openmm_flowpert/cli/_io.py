@@ -38,19 +38,46 @@ def read_trajectory(path: str, topology: Optional[str] = None, select: Optional[
     if not os.path.isfile(path):
         raise ValueError(f"trajectory {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
+    if path.lower().endswith(".gz"):
+        ext = os.path.splitext(path[:-3])[1].lower() + ".gz"
+    known = _mdtraj_formats()
+    if known and ext not in known:
+        raise ValueError(f"trajectory {path!r}: mdtraj does not read {ext or 'files without an extension'}; use "
+                         "e.g. .dcd, .xtc, .trr, .nc, .h5 or .pdb (with --top for the topology)")
     kw = {}
     if ext not in (".h5", ".pdb"):
         topology = topology or os.path.splitext(path)[0] + ".pdb"
         if not os.path.isfile(topology):
             raise ValueError(f"trajectory {path!r} needs a topology: pass --top FILE (pdb, prmtop, psf...)")
         kw["top"] = topology
-    traj = md.load(path, stride=stride, **kw)
+    try:
+        traj = md.load(path, stride=stride, **kw)
+    except Exception as exc:  # mdtraj raises OSError, IndexError, ValueError... on empty or damaged files
+        msg = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"trajectory {path!r} cannot be read ({msg}); is it a complete {ext} file"
+                         + (f" of the atoms in {kw['top']!r}" if "top" in kw else "") + "?") from None
+    if traj.n_frames == 0:
+        raise ValueError(f"trajectory {path!r} has no frames")
     if select:
-        idx = traj.topology.select(select)
+        try:
+            idx = traj.topology.select(select)
+        except Exception as exc:
+            raise ValueError(f"bad selection {select!r} ({' '.join(str(exc).split())[:200]}); use mdtraj's "
+                             "selection language, e.g. 'protein'") from None
         if len(idx) == 0:
             raise ValueError(f"selection {select!r} matches no atoms")
         traj = traj.atom_slice(idx)
     return np.asarray(traj.xyz, dtype=np.float64), traj.topology
+
+
+def _mdtraj_formats():
+    """File extensions mdtraj loads (empty if its registry cannot be read: then mdtraj decides)."""
+    try:
+        from mdtraj.formats.registry import FormatRegistry
+
+        return set(FormatRegistry.loaders)
+    except Exception:  # pragma: no cover - another mdtraj layout
+        return set()
 
 
 def write_json(path: str, data: dict) -> None:

@@ -17,7 +17,6 @@ exchange, training and SMC resume from their checkpoints):
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Dict
@@ -25,6 +24,7 @@ from typing import Dict
 import numpy as np
 
 from ..samplers.replica_exchange import mpi_comm as _mpi_comm
+from . import _args
 
 STAGES = ("system", "data", "train", "smc", "rex", "report")
 MPI_STAGES = ("data", "rex")   # the stages that may run under mpiexec (openmmtools replica exchange)
@@ -69,28 +69,30 @@ PRESETS: Dict[str, dict] = {
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chignolin", help="CLN025 pipeline: data, flows, SMC, hybrid replica exchange, report",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stages", nargs="*", default=["all"], metavar="STAGE",
-                   help=f"stages to run: {', '.join(STAGES)} or all (default)")
-    p.add_argument("--out", default="chignolin", help="output folder (default ./chignolin)")
-    p.add_argument("--scale", default="smoke", choices=sorted(PRESETS), help="protocol size (default smoke)")
-    p.add_argument("--temperature", type=float, default=300.0, help="target temperature in K (default 300)")
-    p.add_argument("--platform", default=None, help="OpenMM platform for energies and MD (e.g. CUDA; default: fastest)")
-    p.add_argument("--smc-energy-platform", default="CPU",
-                   help="OpenMM platform of the SMC energies (default CPU: one worker per core; a GPU context "
+                       description=__doc__, formatter_class=_args.HelpFormatter)
+    p.add_argument("stages", nargs="*", default=None, metavar="STAGE",
+                   help=f"stages to run: {', '.join(STAGES)} or all (without a STAGE: all)")
+    p.add_argument("--out", default="chignolin", help="output folder")
+    p.add_argument("--scale", default="smoke", choices=sorted(PRESETS), help="protocol size")
+    p.add_argument("--temperature", type=_args.positive_float, default=300.0, help="target temperature in K")
+    p.add_argument("--platform", type=_args.platform, default=None,
+                   help="OpenMM platform for energies and MD, e.g. CUDA (default: the fastest)")
+    p.add_argument("--smc-energy-platform", type=_args.platform, default="CPU",
+                   help="OpenMM platform of the SMC energies (CPU: one worker per core; a GPU context "
                         "evaluates walkers one at a time, see docs/benchmarks.md section 9)")
-    p.add_argument("--device", default="cpu", help="torch device of training and of the flow in SMC and in the "
-                                                   "hybrid moves (cpu or cuda; default cpu)")
+    p.add_argument("--device", type=_args.device, default="cpu",
+                   help="torch device of training and of the flow in SMC and in the hybrid moves (cpu or cuda)")
     p.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast in training (CUDA only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    p.add_argument("--seed", type=_args.seed, default=0, help="seed of every stage")
     g = p.add_argument_group("overrides of the --scale preset")
-    g.add_argument("--re-iterations", type=int, help="replica-exchange iterations of the data stage (more: extends "
-                                                     "an existing run)")
-    g.add_argument("--epochs", type=int, help="training epochs of both flows")
-    g.add_argument("--walkers", type=int, help="SMC walkers")
-    g.add_argument("--smc-steps", type=int, help="SMC steps")
-    g.add_argument("--rex-iterations", type=int, help="iterations of the hybrid replica exchange")
-    p.set_defaults(func=run)
+    g.add_argument("--re-iterations", type=_args.positive_int,
+                   help="replica-exchange iterations of the data stage (more: extends an existing run)")
+    g.add_argument("--epochs", type=_args.positive_int, help="training epochs of both flows")
+    g.add_argument("--walkers", type=_args.positive_int, help="SMC walkers")
+    g.add_argument("--smc-steps", type=_args.positive_int, help="SMC steps")
+    g.add_argument("--rex-iterations", type=_args.positive_int, help="iterations of the hybrid replica exchange")
+    p.set_defaults(func=run, interrupt_hint="run the same command again: finished stages are kept and the "
+                                            "interrupted one resumes from its checkpoint")
 
 
 def _preset(args) -> dict:
@@ -112,7 +114,7 @@ def _preset(args) -> dict:
 
 
 def run(args) -> int:
-    stages = list(STAGES) if args.stages in (["all"], []) else args.stages
+    stages = list(STAGES) if args.stages in (["all"], [], None) else args.stages
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)} or all")
@@ -120,17 +122,20 @@ def run(args) -> int:
     if comm is not None and comm.size > 1 and any(s not in MPI_STAGES for s in stages):
         raise ValueError(f"under mpiexec run only the replica-exchange stages ({' '.join(MPI_STAGES)}), which "
                          "openmmtools spreads over the ranks; run the other stages without mpiexec")
+    if args.mixed_precision and not str(args.device).startswith("cuda"):
+        raise _args.InputError("--mixed-precision needs --device cuda (bfloat16 autocast on a GPU)")
+    _args.output_folder(args.out)
     root = comm is None or comm.rank == 0
     preset = _preset(args)
-    os.makedirs(args.out, exist_ok=True)
-    for stage in STAGES:
-        if stage in stages:
-            t0 = time.time()
-            if root:
-                print(f"== {stage} ==", flush=True)
-            globals()[f"_{stage}"](args, preset)
-            if root:
-                print(f"== {stage} done in {time.time() - t0:.0f} s", flush=True)
+    with _args.created_folders(args.out):
+        for stage in STAGES:
+            if stage in stages:
+                t0 = time.time()
+                if root:
+                    print(f"== {stage} ==", flush=True)
+                globals()[f"_{stage}"](args, preset)
+                if root:
+                    print(f"== {stage} done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
 

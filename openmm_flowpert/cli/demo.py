@@ -11,10 +11,11 @@ pymbar.timeseries) next to the replica-exchange reference, and writes plots to -
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
+
+from . import _args
 
 #: Replica-exchange reference for 0 < phi < 2.5 rad at 300 K (percent, SE): docs/benchmarks.md, section 6
 #: (inverse-variance mean of four independent 8-replica runs, 300-600 K).
@@ -23,30 +24,52 @@ RE_REFERENCE_PCT = (0.92, 0.15)
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="alanine dipeptide: hybrid MD + flow MC against plain MD (the main job)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=100.0,
-                   help="wall time of each run, hybrid and plain MD (default 100 s)")
-    p.add_argument("--md-steps", type=int, default=500, help="Langevin steps of 1 fs per iteration (default 500)")
-    p.add_argument("--proposals", type=int, default=16, help="flow proposals per iteration (default 16)")
+                       description=__doc__, formatter_class=_args.HelpFormatter)
+    p.add_argument("--seconds", type=_args.positive_float, default=100.0,
+                   help="wall time of each run, hybrid and plain MD (s)")
+    p.add_argument("--md-steps", type=_args.positive_int, default=500, help="Langevin steps of 1 fs per iteration")
+    p.add_argument("--proposals", type=_args.positive_int, default=16, help="flow proposals per iteration")
     p.add_argument("--flow", default=None, help="flow file (default: the bundled alanine-dipeptide flow)")
-    p.add_argument("--seed", type=int, default=0, help="seed of MD and flow moves (default 0)")
-    p.add_argument("--out", default="flowpert-demo", help="output folder for plots and data (default ./flowpert-demo)")
+    p.add_argument("--seed", type=_args.seed, default=0, help="seed of MD and flow moves")
+    p.add_argument("--out", default="flowpert-demo", help="output folder for plots and data")
     p.add_argument("--gmm", action="store_true", help="run the Gaussian-mixture demo instead")
     g = p.add_argument_group("Gaussian-mixture demo (--gmm)")
-    g.add_argument("--dim", type=int, default=10, help="dimension of the mixture (default 10)")
-    g.add_argument("--samples", type=int, default=20000, help="training samples (default 20000)")
-    g.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
-    g.add_argument("--chains", type=int, default=128, help="Metropolis chains run as one batch (default 128)")
-    g.add_argument("--iterations", type=int, default=200, help="Metropolis iterations per chain (default 200)")
+    g.add_argument("--dim", type=_args.positive_int, default=10, help="dimension of the mixture")
+    g.add_argument("--samples", type=_args.positive_int, default=20000, help="training samples")
+    g.add_argument("--epochs", type=_args.positive_int, default=60, help="training epochs")
+    g.add_argument("--chains", type=_args.positive_int, default=128, help="Metropolis chains run as one batch")
+    g.add_argument("--iterations", type=_args.positive_int, default=200, help="Metropolis iterations per chain")
     g.add_argument("--estimator", default="fp++", choices=["fp", "fp++", "jacobian"],
-                   help="estimator of the proposal density (default fp++)")
-    p.set_defaults(func=run)
+                   help="estimator of the proposal density")
+    p.set_defaults(func=run, interrupt_hint="the demo does not resume: run it again to start over")
+
+
+#: Files the demos write in --out.
+OUTPUTS = ("hybrid.dcd", "hybrid.pdb", "md.dcd", "md.pdb", "ramachandran.png", "energies.png", "acceptance.png",
+           "summary.json", "gmm_flow.pt")
+
+
+def check(args) -> None:
+    """Every check before the demo runs (raises InputError)."""
+    if args.gmm:
+        if args.samples < 10:
+            raise _args.InputError(f"--samples {args.samples}: train on at least 10 samples")
+        if args.chains < 2:
+            raise _args.InputError("--chains 1: the error bar needs at least 2 chains")
+    elif args.flow is not None:
+        _args.input_file(args.flow, "--flow")
+    _args.output_folder(args.out, contents=OUTPUTS)
 
 
 def run(args) -> int:
-    if args.gmm:
-        return run_gmm(args)
+    check(args)
+    with _args.created_folders(args.out):
+        if args.gmm:
+            return run_gmm(args)
+        return _run(args)
 
+
+def _run(args) -> int:
     import openmm_flowpert as fp
     from openmm_flowpert.analysis import backbone_dihedrals, phi_populations
     from openmm_flowpert.energies import ReducedPotential
@@ -60,13 +83,12 @@ def run(args) -> int:
     ms = alanine_dipeptide("vacuum")
     path = args.flow or bundled_flow("alanine-dipeptide")
     if path is None:
-        raise SystemExit("the bundled alanine-dipeptide flow is missing from this installation; pass --flow FILE")
+        raise _args.InputError("the bundled alanine-dipeptide flow is missing from this installation; pass --flow FILE")
     flow = fp.PerturbedFlow.load(path)
     print(f"Alanine dipeptide, vacuum, 300 K, no constraints ({ms.n_atoms} atoms); flow {os.path.basename(path)} "
           f"({flow.coordinates} coordinates, d = {flow.d}, {flow.n_steps} RK4 steps)")
     print(f"Each run: {args.seconds:.0f} s of wall time; iteration = {args.md_steps} Langevin steps of 1 fs"
           f" (+ {args.proposals} flow proposals, fp++, in the hybrid run)")
-    os.makedirs(args.out, exist_ok=True)
     runs = {}
     for label, f in (("hybrid MD + FP", flow), ("plain MD", None)):
         runs[label] = run_hybrid(ms.system, ms.positions, 300.0, f, seconds=args.seconds, md_steps=args.md_steps,
@@ -121,7 +143,6 @@ def run_gmm(args) -> int:
     flow = fp.train_flow(gmm.sample(args.samples, seed=args.seed + 1, weights=(0.5, 0.5)), epochs=args.epochs,
                          hidden=64, n_layers=3, n_steps=16, lr=2e-3, ema=0.995, patience=20, seed=args.seed,
                          progress=True)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gmm_flow.pt")
     flow.save(path)
     raw = float((flow.sample(20000, seed=args.seed)[:, 0] < 0).double().mean())

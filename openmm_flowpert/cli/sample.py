@@ -4,49 +4,88 @@ One temperature: an MCMC loop (Langevin MD segment, then a FlowPerturbationMove)
 Several temperatures (``--temperatures``): openmmtools' ParallelTemperingSampler with the same moves
 (run under mpiexec to distribute replicas). Writes to OUT/: trajectory.dcd (+ .pdb topology) of the
 target temperature, energies.csv, summary.json and plots. Running the same command again continues
-an interrupted run from its checkpoint.
+an interrupted run from its checkpoint (``--restart`` starts over).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
+from . import _args
 from .simulate import add_system_arguments, parse_temperatures
+
+#: Files a run writes in OUT (checked before the run: none of them may be a folder).
+OUTPUTS = ("trajectory.dcd", "trajectory.pdb", "energies.csv", "summary.json", "energies.png", "acceptance.png",
+           "ramachandran.png")
+CHECKPOINT = "checkpoint.pt"                                            # one temperature (run_hybrid)
+STORAGE = ("replica_exchange.nc", "replica_exchange_checkpoint.nc")    # several (openmmtools storage)
+_RESTART = "Rerun with --restart to start over (deletes the checkpoint), or choose a new --out"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="hybrid MD + flow MC (or replica exchange) with a trained flow",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=_args.HelpFormatter)
     add_system_arguments(p)
     p.add_argument("--flow", default=None, help="flow file (.pt); default: the bundled flow of the system, if any")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--temperature", "--temperatures", dest="temperatures", default="300",
+    p.add_argument("--temperature", "--temperatures", dest="temperatures", default="300", type=_args.temperatures,
                    help="K; a list or LO:HI:N runs replica exchange (first = target)")
-    p.add_argument("--iterations", type=int, default=1000, help="iterations (MD segment + flow move)")
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (single temperature)")
-    p.add_argument("--md-steps", type=int, default=500, help="Langevin steps per iteration (1 fs)")
-    p.add_argument("--proposals", type=int, default=16, help="flow proposals per iteration")
-    p.add_argument("--estimator", default="fp++", choices=["fp++", "fp", "jacobian"])
+    p.add_argument("--iterations", type=_args.positive_int, default=1000,
+                   help="iterations (MD segment + flow move), resumed ones included")
+    p.add_argument("--minutes", type=_args.positive_float, default=None,
+                   help="wall-clock budget, resumed time included (single temperature; default: none, "
+                        "--iterations decides)")
+    p.add_argument("--md-steps", type=_args.positive_int, default=500, help="Langevin steps per iteration (1 fs)")
+    p.add_argument("--proposals", type=_args.positive_int, default=16, help="flow proposals per iteration")
+    p.add_argument("--estimator", default="fp++", choices=["fp++", "fp", "jacobian"],
+                   help="estimator of the proposal density in the flow moves")
     p.add_argument("--plain-md", action="store_true", help="no flow moves: plain MD with the same loop")
-    p.add_argument("--device", default=None, help="torch device of the flow in the moves (e.g. cuda; default: cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
+    p.add_argument("--device", type=_args.device, default=None,
+                   help="torch device of the flow in the moves, e.g. cuda (default: cpu)")
+    p.add_argument("--seed", type=_args.seed, default=0, help="seed of the Langevin noise, flow moves and swaps")
+    p.add_argument("--restart", action="store_true",
+                   help="delete this run's checkpoint (OUT/checkpoint.pt, or OUT/replica_exchange.nc with several "
+                        "temperatures) and start over, instead of resuming it")
+    p.set_defaults(func=run, interrupt_hint="run the same command again to resume from its checkpoint in OUT")
+
+
+def check(args):
+    """Every check before the run (raises InputError); returns the temperatures."""
+    temps = args.temperatures if isinstance(args.temperatures, list) else parse_temperatures(args.temperatures)
+    if args.minutes is not None and len(temps) > 1:
+        raise _args.InputError("--minutes applies to a single temperature; with several --temperatures give "
+                               "--iterations only")
+    _args.check_system(args.system)
+    if args.flow is not None and not args.plain_md:
+        _args.input_file(args.flow, "--flow")
+    run_files = [CHECKPOINT] if len(temps) == 1 else list(STORAGE)
+    _args.output_folder(args.out, contents=list(OUTPUTS) + run_files)
+    return temps
 
 
 def run(args) -> int:
-    from ..systems import bundled_flow, get_system
+    from ..systems import bundled_flow
 
-    temps = parse_temperatures(args.temperatures)
-    ms = get_system(args.system, args.forcefield)
+    temps = check(args)
     flow = None
     if not args.plain_md:
         flow = args.flow or bundled_flow(args.system)
         if flow is None:
-            raise ValueError(f"no --flow given and no bundled flow for {args.system!r}; train one with flowpert train")
-    os.makedirs(args.out, exist_ok=True)
-    if len(temps) == 1:
-        return _single(args, ms, temps[0], flow)
-    return _replica_exchange(args, ms, temps, flow)
+            raise _args.InputError(f"no --flow given and no bundled flow for {args.system!r}; train one with "
+                                   "flowpert train (or run --plain-md)")
+    ms = _args.load_system(args.system, args.forcefield)
+    run_files = [CHECKPOINT] if len(temps) == 1 else list(STORAGE)
+    args.interrupt_hint = f"run the same command again to resume from {os.path.join(args.out, run_files[0])}"
+    if args.restart:
+        _args.remove_run_files(os.path.join(args.out, f) for f in run_files)
+    elif len(temps) > 1:
+        with _args.restart_hint([os.path.join(args.out, STORAGE[0])], _RESTART):
+            _args.check_storage(os.path.join(args.out, STORAGE[0]), ms.system, temps, flow, md_steps=args.md_steps,
+                                n_proposals=args.proposals, estimator=args.estimator, seed=args.seed)
+    with _args.created_folders(args.out):
+        with _args.restart_hint([os.path.join(args.out, run_files[0])], _RESTART):
+            if len(temps) == 1:
+                return _single(args, ms, temps[0], flow)
+            return _replica_exchange(args, ms, temps, flow)
 
 
 def write_outputs(out: str, ms, temperature: float, positions, energies, accepted, proposed, extra: dict,
@@ -117,7 +156,7 @@ def _single(args, ms, temperature, flow) -> int:
     res = run_hybrid(ms.system, ms.positions, temperature, flow, n_iterations=args.iterations,
                      seconds=None if args.minutes is None else 60.0 * args.minutes, md_steps=args.md_steps,
                      n_proposals=args.proposals, estimator=args.estimator, seed=args.seed,
-                     checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=25, progress=True,
+                     checkpoint=os.path.join(args.out, CHECKPOINT), checkpoint_every=25, progress=True,
                      device=args.device)
     s = write_outputs(args.out, ms, temperature, res.positions, res.reduced_energies, res.accepted, res.proposed,
                       {"wall_time_s": float(res.wall_times[-1]) if len(res) else 0.0,
@@ -134,7 +173,7 @@ def replica_exchange_outputs(out: str, ms, temps, flow, iterations: int, md_step
 
     from ..samplers.replica_exchange import run_replica_exchange
 
-    storage = os.path.join(out, "replica_exchange.nc")
+    storage = os.path.join(out, STORAGE[0])
     if os.path.exists(storage):
         print(f"resuming replica exchange from {storage}")
     res = run_replica_exchange(ms.system, ms.positions, temps, iterations, storage, flow=flow, md_steps=md_steps,

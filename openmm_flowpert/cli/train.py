@@ -10,15 +10,18 @@ import argparse
 import json
 import os
 
+from . import _args
 from .simulate import add_system_arguments
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to each option's help, except where there is no default (None):
-    such options say what happens without them in their help."""
+_Help = _args.HelpFormatter  # former name
 
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+#: Checks of the training options (argparse types), by TrainingConfig field.
+_TYPES = {"hidden": _args.positive_int, "n_layers": _args.positive_int, "n_freq": _args.nonnegative_int,
+          "n_steps": _args.positive_int, "epochs": _args.positive_int, "batch_size": _args.positive_int,
+          "lr": _args.positive_float, "weight_decay": _args.nonnegative_float, "ema": _args.unit_interval,
+          "validation_fraction": _args.fraction, "patience": _args.positive_int, "minutes": _args.positive_float,
+          "prior_scale": _args.positive_float, "seed": _args.seed}
 
 
 def add_training_arguments(p) -> None:
@@ -29,39 +32,90 @@ def add_training_arguments(p) -> None:
 
     g = p.add_argument_group("training (the defaults of openmm_flowpert.train_flow)")
     for name, spec in TrainingConfig.help().items():
-        kw = dict(type=spec["type"], default=spec["default"], help=spec["help"])
+        typ = _TYPES.get(name, spec["type"])
+        kw = dict(type=typ, default=spec["default"], help=spec["help"])
         if "choices" in spec:
             kw["choices"] = spec["choices"]
         g.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
         for alias in spec.get("aliases", ()):
-            g.add_argument(alias, dest=name, type=spec["type"], default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            g.add_argument(alias, dest=name, type=typ, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_parser(sub) -> None:
     from ..flow import TRANSFORMS
 
-    p = sub.add_parser("train", help="train a flow on a trajectory", description=__doc__, formatter_class=_Help)
+    p = sub.add_parser("train", help="train a flow on a trajectory", description=__doc__,
+                       formatter_class=_args.HelpFormatter)
     p.add_argument("--data", required=True, nargs="+", help="trajectory file(s), any format mdtraj reads")
     p.add_argument("--top", default=None, help="topology for the trajectory (default: the .pdb next to it)")
     p.add_argument("--select", default=None, help="mdtraj atom selection, e.g. 'protein' to strip solvent "
                                                    "(default: all atoms)")
-    p.add_argument("--stride", type=int, default=1, help="use every n-th frame")
+    p.add_argument("--stride", type=_args.positive_int, default=1, help="use every n-th frame")
     p.add_argument("--out", required=True, help="flow file (.pt)")
     add_system_arguments(p)
     p.add_argument("--no-validate", action="store_true", help="skip the proposal-energy validation")
-    p.add_argument("--temperature", type=float, default=300.0, help="K of the training data (for validation)")
+    p.add_argument("--temperature", type=_args.positive_float, default=300.0,
+                   help="K of the training data (for validation)")
     p.add_argument("--coordinates", default="internal", choices=sorted(TRANSFORMS),
                    help="the flow's fixed transform: internal coordinates from the topology's bonds, or "
                         "mean-free Cartesians")
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--device", type=_args.device, default="cpu", help="torch device of the training (cpu or cuda)")
+    p.add_argument("--restart", action="store_true", help="delete this run's checkpoint (OUT.ckpt) and start over, "
+                                                          "instead of resuming it")
     add_training_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupt_hint="run the same command again to resume from its checkpoint (OUT.ckpt)")
 
 
-def run(args) -> int:
+_RESTART = "Rerun with --restart to start over (deletes the checkpoint), or choose a new --out"
+
+
+def check(args) -> dict:
+    """Every check before reading the data: output paths, input files, training settings (raises
+    InputError). Returns the training hyperparameters."""
+    from ..training import TrainingConfig
+
+    _args.output_file(args.out, extensions=(".pt",), companions=[args.out + ".ckpt"], what="flow file")
+    for path in args.data:
+        _args.input_file(path, "--data")
+        if os.path.abspath(path) == os.path.abspath(args.out):
+            raise _args.InputError(f"--out {args.out!r} is also a --data file; choose another --out")
+    if args.top is not None:
+        _args.input_file(args.top, "--top")
+    if not args.no_validate and args.system:
+        _args.check_system(args.system)
+    hyper = {name: getattr(args, name) for name in TrainingConfig.help()}
+    TrainingConfig(**hyper)  # the library's own checks, before any work
+    if not args.restart:
+        _check_checkpoint(args.out + ".ckpt", hyper)
+    return hyper
+
+
+def _check_checkpoint(ckpt: str, hyper: dict) -> None:
+    """A checkpoint to resume must hold a network of the requested size and seed (otherwise torch
+    fails deep in load_state_dict); the library checks the data dimension."""
+    if not os.path.isfile(ckpt):
+        return
+    import torch
+
+    from ..flow.velocity import guess_velocity_config
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        stored = guess_velocity_config(state["velocity"])
+    except Exception as exc:
+        raise _args.InputError(f"training checkpoint {ckpt!r} cannot be read ({type(exc).__name__}). "
+                               f"{_RESTART}") from None
+    stored["seed"] = state.get("seed")
+    diff = [f"{k}: {stored[k]!r} there, {hyper[k]!r} now" for k in ("hidden", "n_layers", "n_freq", "seed")
+            if stored[k] != hyper[k]]
+    if diff:
+        raise _args.InputError(f"training checkpoint {ckpt!r} holds a run with other settings ({'; '.join(diff)}); "
+                               f"resume it with the same settings. {_RESTART}")
+
+
+def read_data(args):
+    """The frames of every --data file (positions in nm) and their topology (raises InputError)."""
     import numpy as np
-
-    import openmm_flowpert as fp
 
     from ._io import read_trajectory
 
@@ -69,30 +123,46 @@ def run(args) -> int:
     for path in args.data:
         x, t = read_trajectory(path, args.top, args.select, args.stride)
         if top is not None and t.n_atoms != top.n_atoms:
-            raise ValueError(f"{path} has {t.n_atoms} atoms, the first trajectory {top.n_atoms}")
+            raise _args.InputError(f"{path} has {t.n_atoms} atoms, the first trajectory {top.n_atoms}")
         frames.append(x)
         top = t
     x = np.concatenate(frames, 0)
-    print(f"{len(x)} frames of {top.n_atoms} atoms")
-    energy = None
-    if not args.no_validate and args.system:
-        from ..energies import ReducedPotential
-        from ..systems import get_system
+    n_val = max(1, int(round(args.validation_fraction * len(x)))) if args.validation_fraction > 0 else 0
+    if len(x) - n_val < 1:
+        raise _args.InputError(f"{len(x)} frame(s) after --stride {args.stride} leave none for training (validation "
+                               f"takes {n_val}); give more data or a smaller --stride")
+    return x, top
 
-        ms = get_system(args.system, args.forcefield)
+
+def run(args) -> int:
+    import openmm_flowpert as fp
+
+    hyper = check(args)
+    energy = None
+    ms = None
+    if not args.no_validate and args.system:
+        ms = _args.load_system(args.system, args.forcefield)
+    x, top = read_data(args)
+    print(f"{len(x)} frames of {top.n_atoms} atoms")
+    if ms is not None:
+        from ..energies import ReducedPotential
+
         if ms.n_atoms != top.n_atoms:
-            raise ValueError(f"--system {args.system} has {ms.n_atoms} atoms but the trajectory has {top.n_atoms}; "
-                             "pass the matching system or --no-validate")
+            raise _args.InputError(f"--system {args.system} has {ms.n_atoms} atoms but the trajectory has "
+                                   f"{top.n_atoms}; pass the matching system or --no-validate")
         energy = ReducedPotential(ms.system, args.temperature)
     ckpt = args.out + ".ckpt"
-    if args.restart and os.path.exists(ckpt):
-        os.unlink(ckpt)
-    from ..training import TrainingConfig
-
-    hyper = {name: getattr(args, name) for name in TrainingConfig.help()}
-    flow = fp.train_flow(x, topology=top.to_openmm(), coordinates=args.coordinates, temperature=args.temperature,
-                         energy=energy, checkpoint=ckpt, progress=True, **hyper)
-    flow.save(args.out)
+    args.interrupt_hint = f"run the same command again to resume from the last checkpoint in {ckpt}"
+    if args.restart:
+        _args.remove_run_files([ckpt])
+    elif os.path.exists(ckpt):
+        print(f"resuming from {ckpt}")
+    with _args.created_folders(os.path.dirname(args.out)):
+        with _args.restart_hint([ckpt], _RESTART):
+            flow = fp.train_flow(x, topology=top.to_openmm(), coordinates=args.coordinates,
+                                 temperature=args.temperature, energy=energy, checkpoint=ckpt, progress=True,
+                                 device=args.device, **hyper)
+        flow.save(args.out)
     if os.path.exists(ckpt):
         os.unlink(ckpt)
     info = flow.metadata["training"]
