@@ -87,9 +87,9 @@ def test_train_resume_is_identical(tmp_path):
     full = fp.train_flow(x, **kw)
     ck = str(tmp_path / "train.ckpt")
     fp.train_flow(x, checkpoint=ck, checkpoint_every=1, max_minutes=0.0, **kw)  # stops after epoch 1
-    assert torch.load(ck, weights_only=False)["epoch"] == 1
+    assert torch.load(ck, weights_only=False)["trainer"]["epoch"] == 1
     resumed = fp.train_flow(x, checkpoint=ck, checkpoint_every=1, **kw)
-    assert torch.load(ck, weights_only=False)["epoch"] == 4
+    assert torch.load(ck, weights_only=False)["trainer"]["epoch"] == 4
     w = fp.Noise(0).gaussian(8, full.dim)
     assert torch.equal(full.evaluate(w, torch.zeros(8, 0, full.dim), "jacobian")[1],
                        resumed.evaluate(w, torch.zeros(8, 0, full.dim), "jacobian")[1])

@@ -173,3 +173,16 @@ def test_a_new_transform_plugs_in_without_new_branches(chain_x):
         assert torch.equal(new.sample(4, seed=1), flow.sample(4, seed=1))
     finally:
         TRANSFORMS.pop("test-half-scale")
+
+
+def test_training_checkpoint_refuses_other_settings(tmp_path):
+    """A training checkpoint resumes only the run it belongs to: another learning rate (a different
+    schedule) is refused with one line naming the setting; another wall-clock budget is not."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    kw = dict(epochs=2, hidden=8, n_layers=1, n_steps=2, progress=False, seed=0)
+    ck = str(tmp_path / "t.ckpt")
+    fp.train_flow(x, checkpoint=ck, checkpoint_every=1, **kw)
+    fp.train_flow(x, checkpoint=ck, checkpoint_every=1, minutes=5.0, **kw)      # a stopping rule: same run
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
+        fp.train_flow(x, checkpoint=ck, lr=2e-3, **kw)

@@ -91,23 +91,25 @@ def check(args) -> dict:
 
 
 def _check_checkpoint(ckpt: str, hyper: dict) -> None:
-    """A checkpoint to resume must hold a network of the requested size and seed (otherwise torch
-    fails deep in load_state_dict); the library checks the data dimension."""
+    """A checkpoint to resume must be a training run with the requested settings (checked before the
+    data are read; the library checks the data dimension again)."""
     if not os.path.isfile(ckpt):
         return
     import torch
 
-    from ..flow.velocity import guess_velocity_config
+    from ..training import TrainingConfig
+    from ..training.trainer import run_settings
 
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        stored = guess_velocity_config(state["velocity"])
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        stored = dict(ck["config"]) if ck.get("kind") == "training" else None
     except Exception as exc:
         raise _args.InputError(f"training checkpoint {ckpt!r} cannot be read ({type(exc).__name__}). "
                                f"{_RESTART}") from None
-    stored["seed"] = state.get("seed")
-    diff = [f"{k}: {stored[k]!r} there, {hyper[k]!r} now" for k in ("hidden", "n_layers", "n_freq", "seed")
-            if stored[k] != hyper[k]]
+    if stored is None:
+        raise _args.InputError(f"{ckpt!r} is not a training checkpoint of this version. {_RESTART}")
+    wanted = run_settings(TrainingConfig(**hyper))
+    diff = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in wanted.items() if stored.get(k) != v]
     if diff:
         raise _args.InputError(f"training checkpoint {ckpt!r} holds a run with other settings ({'; '.join(diff)}); "
                                f"resume it with the same settings. {_RESTART}")

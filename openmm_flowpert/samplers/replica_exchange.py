@@ -118,7 +118,9 @@ def _open(storage, system, positions, temperatures, n_iterations, config, moves)
     if os.path.exists(storage):
         reporter = multistate.MultiStateReporter(storage, open_mode="a", checkpoint_interval=1)
         _check_resume(reporter, storage, config)
-        return multistate.ParallelTemperingSampler.from_storage(reporter), reporter
+        sampler = multistate.ParallelTemperingSampler.from_storage(reporter)
+        _reseed_langevin(sampler, config["seed"])
+        return sampler, reporter
     reporter = multistate.MultiStateReporter(storage, checkpoint_interval=1)
     sampler = multistate.ParallelTemperingSampler(mcmc_moves=moves(), number_of_iterations=n_iterations,
                                                   online_analysis_interval=None)
@@ -130,6 +132,19 @@ def _open(storage, system, positions, temperatures, n_iterations, config, moves)
     if comm is None or comm.rank == 0:
         reporter.write_dict(_CONFIG_KEY, json.dumps({"kind": "replica-exchange", "config": config}))
     return sampler, reporter
+
+
+def _reseed_langevin(sampler, seed: int) -> None:
+    """A resumed run's Langevin integrators get seed + iteration: a new process builds new contexts,
+    and the stored seed would replay the noise of the run's first iterations."""
+    from openmmtools import mcmc
+
+    from ..moves.langevin import SeededLangevinDynamicsMove
+
+    for move in sampler._mcmc_moves:  # the sampler's own moves (its public property returns copies)
+        for m in move.move_list if isinstance(move, mcmc.SequenceMove) else [move]:
+            if isinstance(m, SeededLangevinDynamicsMove):
+                m.seed = int(seed) + int(sampler.iteration)
 
 
 def _flow_move(sampler):

@@ -8,13 +8,14 @@ in float32 with Adam, cosine decay of the learning rate per step and an exponent
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Optional
 
 import torch
 
-from .._files import atomic_write
+from .. import _files
 from ..flow import VelocityMLP
 from ..noise import project_mean_free
 from .config import TrainingConfig
@@ -166,19 +167,30 @@ class FlowTrainer:
         self.started -= state["elapsed"]
 
 
+def run_settings(config: TrainingConfig) -> dict:
+    """The settings that make two training runs the same run: all but the stopping rules
+    (``minutes``, ``patience``), which a resumed run may change."""
+    cfg = dataclasses.asdict(config)
+    for key in ("minutes", "patience"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def _run_config(trainer: FlowTrainer) -> dict:
+    return {"dim": int(trainer.data.dim), **run_settings(trainer.config)}
+
+
 def save_checkpoint(path: str, trainer: FlowTrainer) -> None:
-    """Write the trainer's state to ``path`` atomically (temporary file + rename)."""
-    state = trainer.state_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp), suffix=".pt")
+    """Write the trainer's state to ``path`` atomically, tagged with the run's settings."""
+    _files.save_checkpoint(path, "training", _run_config(trainer), {"trainer": trainer.state_dict()})
 
 
 def load_checkpoint(path: str, trainer: FlowTrainer) -> None:
-    """Resume ``trainer`` from the checkpoint file ``path`` (clear errors for foreign or damaged files)."""
+    """Resume ``trainer`` from the checkpoint file ``path``; a checkpoint of other settings (network
+    size, schedule, seed, data dimension), a foreign or a damaged file is refused with one line."""
+    ck = _files.load_checkpoint(path, "training", _run_config(trainer))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"training checkpoint {path!r} cannot be read ({exc}); delete it to start over") from None
-    try:
-        trainer.load_state_dict(state)
-    except ValueError as exc:
-        raise ValueError(f"training checkpoint {path!r}: {exc}; delete it or use another checkpoint path") from None
+        trainer.load_state_dict(ck["trainer"])
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"training checkpoint {path!r} does not fit this run ({type(exc).__name__}); delete it "
+                         "or use another checkpoint path") from None
