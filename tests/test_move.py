@@ -8,7 +8,7 @@ import openmm
 import pytest
 import torch
 from openmm import unit
-from openmmtools import cache, states, testsystems, utils
+from openmmtools import cache, mcmc, states, testsystems, utils
 
 import openmm_flowpert as fp
 from openmm_flowpert import FlowFileError, FlowPerturbationMove
@@ -173,20 +173,109 @@ def test_mean_free_flow_on_external_force_system_is_rejected(tiny_flows):
         _apply(ala.system, ala.positions, tiny_flows["ala"])
 
 
-def test_nan_energies_are_counted_rejections(tiny_flows):
-    """An energy that is NaN for x < 0 (sqrt of a negative number): proposals there are rejected,
-    counted, and nothing raises."""
-    system = openmm.System()
-    system.addParticle(12.0)
-    f = openmm.CustomExternalForce("sqrt(x) + y^2 + z^2")
-    f.addParticle(0, [])
-    system.addForce(f)
-    move, ss = _apply(system, np.array([[0.5, 0.0, 0.0]]) * unit.nanometer, tiny_flows["one"],
-                      platform="Reference")
-    move.n_proposals = 64
-    move.apply(states.ThermodynamicState(system, 300 * unit.kelvin), ss, cache.ContextCache(capacity=1))
-    assert move.n_nonfinite > 0
-    assert ss.positions.value_in_unit(unit.nanometer)[0, 0] >= 0
+class EnergyHookMove(FlowPerturbationMove):
+    """Test-only: every batch of reduced potentials the move computes passes through
+    ``energy_hook(positions (B, N, 3) nm, u (B,) kT) -> u`` (the hook is the move's only change)."""
+
+    energy_hook = None
+
+    def _prepare(self, thermodynamic_state, x):
+        rp = super()._prepare(thermodynamic_state, x)
+        hook = self.energy_hook
+        if hook is None:
+            return rp
+        return lambda positions, temperature=None: hook(np.asarray(positions, dtype=np.float64),
+                                                         rp(positions, temperature))
+
+
+def _hooked_chain(system, start, flow, hook, n_apply, **kw):
+    """Runs the move through openmmtools' MCMCSampler (an exception would surface here); returns
+    the positions and velocities after every apply and the move's counters."""
+    move = EnergyHookMove(flow, **kw)
+    move.energy_hook = hook
+    sampler = mcmc.MCMCSampler(states.ThermodynamicState(system, 300 * unit.kelvin),
+                               states.SamplerState(start * unit.nanometer), move)
+    positions, velocities = [], []
+    for _ in range(n_apply):
+        sampler.run(1, context_cache=cache.ContextCache(capacity=1))
+        positions.append(sampler.sampler_state.positions.value_in_unit(unit.nanometer).copy())
+        velocities.append(sampler.sampler_state.velocities.value_in_unit(unit.nanometer / unit.picosecond).copy())
+    return np.array(positions), np.array(velocities), move.statistics
+
+
+def _region_hook(inside, fill, hits):
+    """u -> ``fill`` (NaN, +inf; None: unchanged) where ``inside(positions)``; counts those rows in hits."""
+    def hook(positions, u):
+        mask = inside(positions)
+        hits.append(int(mask.sum()))
+        if fill is None:
+            return u
+        u = np.array(u, dtype=np.float64)
+        u[mask] = fill
+        return u
+    return hook
+
+
+@pytest.mark.parametrize("proposal", ["independent", "latent"])
+def test_nan_energies_are_certain_rejections(gmm_system, gmm_system_flow, proposal):
+    """Energies made NaN after OpenMM computed them, on a fine stripe pattern (odd 1e-3 nm stripes
+    of particle 0's z: about half of all proposals, independent or latent-local, at pseudo-random):
+    the chain must be bit for bit the one in which those energies are +inf (a certain rejection):
+    the same positions, velocities and counters after every apply, no NaN proposal ever accepted,
+    each one counted in n_nonfinite, and nothing raised through openmmtools. Without the hook the
+    same seed accepts some of those proposals, so the NaNs did matter."""
+    def inside(positions):
+        return np.floor(positions[..., 0, 2] * 1e3) % 2 == 1
+
+    starts = gmm_system_flow.sample(16, seed=3).numpy()  # typical of the flow: proposals often accepted
+    start = starts[~inside(starts)][0]
+    kw = dict(n_proposals=16, proposal=proposal, seed=6)
+    runs, hits = {}, {}
+    for name, fill in [("nan", np.nan), ("inf", np.inf), ("free", None)]:
+        hits[name] = []
+        runs[name] = _hooked_chain(gmm_system.system, start, gmm_system_flow,
+                                   _region_hook(inside, fill, hits[name]), n_apply=6, **kw)
+    (x_nan, v_nan, s_nan), (x_inf, v_inf, s_inf), (x_free, _, s_free) = runs["nan"], runs["inf"], runs["free"]
+    assert sum(hits["nan"]) >= 24, hits["nan"]                   # many NaN proposals were made
+    assert s_nan["n_nonfinite"] == sum(hits["nan"]), (s_nan, hits["nan"])
+    assert np.array_equal(x_nan, x_inf) and np.array_equal(v_nan, v_inf)
+    assert s_nan == s_inf and hits["nan"] == hits["inf"]
+    assert not inside(x_nan).any()                               # never accepted
+    assert s_nan["n_accepted"] > 0 and s_nan["n_proposed"] == 6 * 16 and s_nan["n_refresh_failed"] == 0
+    # without the hook some of those proposals are accepted: a different chain (for independence
+    # proposals the final states of the applies may still coincide)
+    assert s_free["n_accepted"] != s_nan["n_accepted"] or not np.array_equal(x_free, x_nan), (s_free, s_nan)
+    assert s_free["n_nonfinite"] == 0
+
+
+def test_nan_energies_from_openmm_are_certain_rejections(tiny_flows):
+    """An OpenMM energy that is NaN for x < 0 (sqrt of a negative number): the chain must be bit for
+    bit the one on sqrt(|x|) with u = +inf for x < 0 set explicitly, every x < 0 proposal counted
+    in n_nonfinite and never accepted, and nothing raised through openmmtools. Without the +inf the
+    same seed accepts x < 0, so the NaNs did matter."""
+    def system(expression):
+        s = openmm.System()
+        s.addParticle(12.0)
+        f = openmm.CustomExternalForce(expression)
+        f.addParticle(0, [])
+        s.addForce(f)
+        return s
+
+    def inside(positions):
+        return positions[:, 0, 0] < 0.0
+
+    start = np.array([[0.01, 0.0, 0.0]])  # a typical sample of the flow (x, y, z ~ N(0, 0.01^2) nm)
+    kw = dict(n_proposals=32, seed=0, platform="Reference")
+    hits_inf, hits_free = [], []
+    x_nan, v_nan, s_nan = _hooked_chain(system("sqrt(x) + y^2 + z^2"), start, tiny_flows["one"], None, 4, **kw)
+    x_inf, v_inf, s_inf = _hooked_chain(system("sqrt(abs(x)) + y^2 + z^2"), start, tiny_flows["one"],
+                                        _region_hook(inside, np.inf, hits_inf), 4, **kw)
+    x_free, _, _ = _hooked_chain(system("sqrt(abs(x)) + y^2 + z^2"), start, tiny_flows["one"],
+                                 _region_hook(inside, None, hits_free), 4, **kw)
+    assert sum(hits_inf) > 0 and s_nan["n_nonfinite"] == sum(hits_inf), (s_nan, hits_inf)
+    assert np.array_equal(x_nan, x_inf) and np.array_equal(v_nan, v_inf) and s_nan == s_inf
+    assert not inside(x_nan).any() and s_nan["n_accepted"] > 0 and s_nan["n_refresh_failed"] == 0
+    assert inside(x_free).any()
 
 
 def test_nan_flow_outputs_are_counted_rejections(gmm_system, gmm_system_flow):
