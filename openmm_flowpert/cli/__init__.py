@@ -43,6 +43,21 @@ def _quiet_third_party_warnings() -> None:
         root.addFilter(_NoSimtkNotice())
 
 
+def _failure(exc: BaseException, args) -> tuple:
+    """Exit status and the one line for a failed command: 130 for Ctrl-C (how to resume), 2 for bad
+    input, 1 for an internal error (with the FLOWPERT_TRACEBACK hint)."""
+    from ._args import one_line
+
+    if isinstance(exc, KeyboardInterrupt):
+        hint = getattr(args, "interrupt_hint", "run the same command again to resume where it stopped")
+        return 130, f"interrupted; {hint}"
+    msg = one_line(exc)
+    if isinstance(exc, _INPUT_ERRORS):
+        return 2, f"error: {msg or type(exc).__name__}"
+    return 1, (f"internal error ({type(exc).__name__}{': ' + msg[:300] if msg else ''}); rerun with "
+               "FLOWPERT_TRACEBACK=1 for the traceback and report it")
+
+
 def _parser():
     from . import chignolin, demo, sample, simulate, train
     from ._args import ArgumentParser, package_version
@@ -72,8 +87,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ``FLOWPERT_TRACEBACK=1`` re-raises instead (the full traceback).
     """
-    from ._args import one_line
-
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -90,27 +103,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _pymbar_timeseries()  # pymbar's import banner and caution, before openmmtools imports it
         _quiet_third_party_warnings()
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        if traceback:
-            raise
-        hint = getattr(args, "interrupt_hint", "run the same command again to resume where it stopped")
-        _end_progress_bars()
-        print(f"{name}: interrupted; {hint}", file=sys.stderr)
-        return 130
-    except _INPUT_ERRORS as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # every failure: one line and an exit status
         if traceback:
             raise
         _end_progress_bars()
-        print(f"{name}: error: {one_line(exc) or type(exc).__name__}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if traceback:
-            raise
-        _end_progress_bars()
-        msg = one_line(exc)
-        print(f"{name}: internal error ({type(exc).__name__}{': ' + msg[:300] if msg else ''}); rerun with "
-              "FLOWPERT_TRACEBACK=1 for the traceback and report it", file=sys.stderr)
-        return 1
+        status, line = _failure(exc, args)
+        print(f"{name}: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

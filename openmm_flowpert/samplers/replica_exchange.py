@@ -148,9 +148,11 @@ def _reseed_langevin(sampler, seed: int) -> None:
 
 
 def _flow_move(sampler):
+    """The target state's flow move (None without flow moves); the sampler's own object, not the
+    deep copy of every replica's moves that ``sampler.mcmc_moves`` returns (read every iteration)."""
     from openmmtools import mcmc
 
-    move = sampler.mcmc_moves[0]
+    move = sampler._mcmc_moves[0]
     if isinstance(move, mcmc.SequenceMove) and len(move.move_list) > 1:
         return move.move_list[1]
     return None
