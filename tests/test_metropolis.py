@@ -41,14 +41,27 @@ def test_unweighted_flow_is_far_from_exact(gmm, gmm_flow):
     assert float((x[:, 0] < 0).double().mean()) > 0.4
 
 
-def test_nan_energies_are_rejections(gmm, gmm_flow):
-    def energy(x):
-        u = gmm.energy(x)
-        u[::2] = float("nan")
+@pytest.mark.parametrize("proposal", ["independent", "latent"])
+def test_nan_energies_are_certain_rejections(gmm, gmm_flow, proposal):
+    """An energy that is NaN on part of space (x1 > 0.5): no state there is ever accepted, and the
+    chains are the ones they would be with +inf there (same seeds: same positions, decisions and
+    counts), so a NaN is a rejection and nothing else."""
+    def energy(fill):
+        def u(x):
+            out = gmm.energy(x).clone()
+            out[x[:, 1] > 0.5] = fill
+            return out
         return u
-    res = fp.run_metropolis(gmm_flow, energy, 8, 5, seed=1)
-    assert res.n_nonfinite > 0
-    assert torch.isfinite(res.reduced_energies[-1]).all() or res.accepted.any()
+
+    runs = [fp.run_metropolis(gmm_flow, energy(fill), 16, 12, seed=1, proposal=proposal, k=3, k_eps=2)
+            for fill in (float("nan"), float("inf"))]
+    a, b = runs
+    assert a.n_nonfinite == b.n_nonfinite > 0
+    assert torch.equal(a.accepted, b.accepted) and torch.equal(a.positions, b.positions)
+    assert torch.equal(a.reduced_energies, b.reduced_energies)
+    assert a.accepted.any()
+    assert not (a.positions[..., 1][a.accepted] > 0.5).any()  # never accepted into the NaN region
+    assert torch.isfinite(a.reduced_energies[a.accepted]).all()
 
 
 def test_accept_rule():
