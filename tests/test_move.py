@@ -123,12 +123,36 @@ def test_velocities_redrawn_and_never_none(gmm_system, gmm_system_flow):
     assert np.isfinite(ss.velocities.value_in_unit(unit.nanometer / unit.picosecond)).all()
 
 
+class _ThreadSpy(FlowPerturbationMove):
+    def _propose_and_accept(self, *args):
+        self.seen = torch.get_num_threads()
+        return super()._propose_and_accept(*args)
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2, None])
+def test_move_runs_with_its_torch_threads_and_restores_them(gmm_system, gmm_system_flow, torch_threads):
+    ts = states.ThermodynamicState(gmm_system.system, gmm_system.temperature)
+    ss = states.SamplerState(gmm_system.positions)
+    before = torch.get_num_threads()
+    outside = 3 if before != 3 else 4
+    torch.set_num_threads(outside)
+    try:
+        move = _ThreadSpy(gmm_system_flow, n_proposals=2, seed=1, torch_threads=torch_threads)
+        move.apply(ts, ss, cache.ContextCache(capacity=1))
+        assert move.seen == (outside if torch_threads is None else torch_threads)
+        assert torch.get_num_threads() == outside
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="torch_threads must be >= 1"):
+        FlowPerturbationMove(gmm_system_flow, torch_threads=0)
+
+
 def test_serialization_and_deepcopy_share_flow(gmm_system_flow):
-    move = FlowPerturbationMove(gmm_system_flow, n_proposals=4, prior_scale="sqrt(T/T0)", seed=5)
+    move = FlowPerturbationMove(gmm_system_flow, n_proposals=4, prior_scale="sqrt(T/T0)", seed=5, torch_threads=2)
     move.n_accepted, move.n_proposed = 3, 10
     data = utils.serialize(move)
     again = utils.deserialize(copy.deepcopy(data))
-    assert again.statistics == move.statistics and again.prior_scale == "sqrt(T/T0)"
+    assert again.statistics == move.statistics and again.prior_scale == "sqrt(T/T0)" and again.torch_threads == 2
     assert again.flow is move.flow or again.flow.path == move.flow.path
     assert copy.deepcopy(move).flow is move.flow
     assert math.isclose(again._scale(600.0), math.sqrt(2.0))

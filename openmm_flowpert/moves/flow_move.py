@@ -9,6 +9,7 @@ any other move that changes x, and the combination samples the Boltzmann distrib
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -67,6 +68,20 @@ class _Clock:
         self.t = now
 
 
+@contextlib.contextmanager
+def _torch_threads(n: Optional[int]):
+    """Run the block with ``n`` torch threads (None: unchanged), restoring the previous number."""
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _mpi_rank() -> int:
     try:
         import mpiplus
@@ -119,6 +134,11 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         move from entering states its refresh cannot weigh and handles steps that are not
         one-to-one (docs/algorithm.md section 4.8). ``False`` is exact only while
         ``n_refresh_failed`` stays 0 and every step is one-to-one.
+    torch_threads : int or None, default 1
+        Torch threads while the move runs (restored afterwards). The flow's batches are small, and
+        with more threads their many small operations stall on thread synchronization whenever
+        other work (OpenMM's own threads, another process) shares the cores: measured
+        ``benchmarks/threads.py``, docs/benchmarks.md section 5. None leaves torch's setting.
     reassign_velocities : bool, default True
         After an accepted proposal, velocities are redrawn from Maxwell-Boltzmann at the state's
         temperature; this keeps the joint (positions, velocities) distribution exact. Velocities
@@ -148,7 +168,8 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                  proposal: str = "independent", k: int = 2, k_eps: int = 2, exact_inverse: Optional[bool] = None,
                  prior_scale: Union[None, float, str, Callable[[float], float]] = None,
                  platform: Optional[str] = None, n_workers: Optional[int] = None, seed: Optional[int] = None,
-                 reassign_velocities: bool = True, device: Optional[str] = None, domain_check: bool = True):
+                 reassign_velocities: bool = True, device: Optional[str] = None, domain_check: bool = True,
+                 torch_threads: Optional[int] = 1):
         self.device = None if device is None else str(device)
         if isinstance(flow, PerturbedFlow):
             if self.device is not None:
@@ -184,6 +205,9 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
         self.reassign_velocities = bool(reassign_velocities)
         self.domain_check = bool(domain_check)
+        if torch_threads is not None and int(torch_threads) < 1:
+            raise ValueError(f"torch_threads must be >= 1 or None, got {torch_threads}")
+        self.torch_threads = None if torch_threads is None else int(torch_threads)
         self._calls = 0
         self.reset_statistics()
         self._energies: Dict[int, ReducedPotential] = {}
@@ -276,6 +300,10 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         Positions are read and written in nm; the reduced potential u = U/kT of the state
         ``thermodynamic_state`` (its temperature) enters the acceptance test.
         """
+        with _torch_threads(self.torch_threads):
+            self._apply(thermodynamic_state, sampler_state, context_cache)
+
+    def _apply(self, thermodynamic_state, sampler_state, context_cache) -> None:
         t_start = time.perf_counter()
         x = np.asarray(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
         rp = self._prepare(thermodynamic_state, x)
@@ -405,7 +433,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                 (self.prior_scale if isinstance(self.prior_scale, str) else float(self.prior_scale)),
                 "platform": self.platform, "n_workers": self.n_workers, "seed": int(self.seed),
                 "reassign_velocities": self.reassign_velocities, "device": self.device,
-                "domain_check": self.domain_check, "calls": int(self._calls),
+                "domain_check": self.domain_check, "torch_threads": self.torch_threads, "calls": int(self._calls),
                 "statistics": self.statistics}
 
     def __setstate__(self, state: dict) -> None:
@@ -417,6 +445,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                      "platform", "n_workers", "seed", "reassign_velocities"):
             setattr(self, name, state[name])
         self.domain_check = bool(state.get("domain_check", True))
+        self.torch_threads = state.get("torch_threads", 1)
         self._calls = int(state.get("calls", 0))
         self.statistics = state["statistics"]
         self._energies, self._validated, self.timing = {}, set(), {}
