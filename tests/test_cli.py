@@ -165,6 +165,7 @@ def test_demo_command_runs_clean_and_writes_its_outputs(tmp_path):
                          text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "hybrid MD + FP" in out.stdout and "plain MD" in out.stdout and "(reference)" in out.stdout
+    assert ("combined standard errors" in out.stdout) != ("no comparison is made" in out.stdout)
     for noise in ("JAX NOT FOUND", "Warning on use of the timeseries module"):
         assert noise not in out.stdout + out.stderr
     for f in ("ramachandran.png", "energies.png", "acceptance.png", "summary.json"):

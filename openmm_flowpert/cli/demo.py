@@ -116,9 +116,13 @@ def _run(args) -> int:
     ref, ref_se = RE_REFERENCE_PCT
     print(f"{'replica exchange':16s} {'':10s} {'':10s} {'':10s} {'':>16s} {ref:8.2f} +- {ref_se:4.2f}%  (reference)")
     hy = summary["runs"]["hybrid MD + FP"]["0<phi<2.5"]
-    se = math.hypot(100 * hy[1], ref_se)
-    print(f"\nHybrid MD + FP vs replica exchange: {(100 * hy[0] - ref) / se:+.1f} combined standard errors. "
-          "Plain MD stays in the phi < 0 basins (an error bar of 0 means no transition was seen).")
+    if hy[1] > 0:
+        z = (100 * hy[0] - ref) / math.hypot(100 * hy[1], ref_se)
+        print(f"\nHybrid MD + FP vs replica exchange: {z:+.1f} combined standard errors.")
+    else:  # a constant series: no transition into or out of the basin, so no error bar to compare with
+        print(f"\nHybrid MD + FP saw no transition into or out of 0 < phi < 2.5 in {len(runs['hybrid MD + FP'])} "
+              "iterations: its error bar cannot be estimated and no comparison is made (run longer: --seconds).")
+    print("Plain MD stays in the phi < 0 basins (an error bar of 0 means no transition was seen).")
     plots.ramachandran(os.path.join(args.out, "ramachandran.png"), rama)
     plots.energy_histograms(os.path.join(args.out, "energies.png"), {
         "flow proposals": u_prop, "hybrid MD + FP": runs["hybrid MD + FP"].reduced_energies,
