@@ -24,7 +24,8 @@ from .noise import Noise
 from .perturbed_flow import PerturbedFlow
 
 __all__ = ["EnergyFn", "DomainFn", "ChainState", "reduced_energies", "log_weights", "metropolis_accept",
-           "latent_proposal", "latent_step", "independent_step", "sequential_chain", "initial_state", "refreshed_state",
+           "latent_proposal", "latent_step", "independent_step", "sequential_chain", "weighted_selection",
+           "initial_state", "refreshed_state",
            "check_energy_invariance"]
 
 #: A batched reduced potential: positions (B, n_atoms, 3) in nm, or (B, D), to u (B,) in kT.
@@ -256,3 +257,31 @@ def sequential_chain(log_w: torch.Tensor, log_w_new: torch.Tensor, uniform: torc
             current, best = log_w_new[i:i + 1], i
             n_accepted += 1
     return best, n_accepted, n_outside
+
+
+def weighted_selection(log_w: torch.Tensor, log_w_new: torch.Tensor, uniform: torch.Tensor,
+                       in_domain: Optional[Callable[[int], bool]] = None) -> Tuple[int, int]:
+    """One draw among the current state and n independence proposals, with probability W / sum W.
+
+    ``log_w`` (1,) is the current state's log W, ``log_w_new`` (n,) the proposals' (nats), ``uniform``
+    (n + 1,) uniforms, one per draw. Given the n + 1 points (one from the extended target, n from
+    the proposal law), the index of the target's point has conditional probability proportional to
+    W, so this Gibbs draw leaves the extended target invariant (docs/algorithm.md section 4.3). NaN
+    or -inf weights are never drawn. ``in_domain(i)`` is asked only for the proposal drawn; one
+    outside the domain gets weight 0 and the draw is repeated with the next uniform (which samples
+    exactly with weights W 1[domain]). Returns (index of the selected proposal, -1 for the current
+    state; number refused as outside the domain).
+    """
+    lw = torch.cat([log_w.reshape(1), log_w_new]).to(torch.float64)
+    lw = torch.where(torch.isnan(lw), torch.full_like(lw, -float("inf")), lw)
+    n_outside = 0
+    for k in range(uniform.shape[0]):
+        if not bool(torch.isfinite(lw).any()):
+            return -1, n_outside
+        cum = torch.cumsum(torch.exp(lw - lw.max()), 0)
+        j = min(int(torch.searchsorted(cum, uniform[k:k + 1].to(cum.dtype) * cum[-1], right=True)), lw.shape[0] - 1)
+        if j == 0 or in_domain is None or in_domain(j - 1):
+            return j - 1, n_outside
+        lw[j] = -float("inf")
+        n_outside += 1
+    return -1, n_outside

@@ -24,7 +24,8 @@ from openmmtools import mcmc
 from ..energies import ReducedPotential, check_system
 from ..noise import Noise
 from ..perturbed_flow import FlowFileError, PerturbedFlow, file_checksum
-from ..metropolis import ChainState, latent_step, log_weights, reduced_energies, sequential_chain
+from ..metropolis import (ChainState, latent_step, log_weights, reduced_energies, sequential_chain,
+                          weighted_selection)
 
 __all__ = ["FlowPerturbationMove", "load_flow_cached"]
 
@@ -109,6 +110,12 @@ class FlowPerturbationMove(mcmc.MCMCMove):
     proposal : {"independent", "latent"}
         Independence proposals from the flow, or latent-local moves that redraw ``k`` latent
         coordinates and ``k_eps`` coordinates of each probe vector.
+    selection : {"metropolis", "weights"}
+        How independence proposals are used. ``"metropolis"`` (default): a chain of ``n_proposals``
+        Metropolis tests, each against the state the chain holds. ``"weights"``: one draw among the
+        current state and the proposals with probability W / sum W (a Gibbs step on the index,
+        exact, docs/algorithm.md section 4.3); it needs at most one domain test per ``apply``
+        instead of one per acceptance. ``n_accepted`` then counts calls that moved.
     exact_inverse : bool, optional
         Exact (default) or fast inverse steps in the estimator of the proposals; the map from
         positions to the latent space is always exact.
@@ -146,12 +153,13 @@ class FlowPerturbationMove(mcmc.MCMCMove):
 
     Attributes
     ----------
-    n_accepted, n_proposed, n_nonfinite, n_refresh_failed, n_outside_domain : int
+    n_accepted, n_proposed, n_nonfinite, n_refresh_failed, n_outside_domain, n_moved : int
         Accepted and proposed candidates; candidates rejected because their energy or flow output
         was not finite; calls skipped because the exact inverse of the current positions failed
         (positions that MD brought outside the flow's domain: the move leaves them to MD);
         candidates that passed the Metropolis test but were refused because the exact inverse of
-        their positions fails or finds another latent point (see :meth:`_in_domain`).
+        their positions fails or finds another latent point (see :meth:`_in_domain`); calls whose
+        final state differs from the state they started from.
 
     Examples
     --------
@@ -169,7 +177,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                  prior_scale: Union[None, float, str, Callable[[float], float]] = None,
                  platform: Optional[str] = None, n_workers: Optional[int] = None, seed: Optional[int] = None,
                  reassign_velocities: bool = True, device: Optional[str] = None, domain_check: bool = True,
-                 torch_threads: Optional[int] = 1):
+                 torch_threads: Optional[int] = 1, selection: str = "metropolis"):
         self.device = None if device is None else str(device)
         if isinstance(flow, PerturbedFlow):
             if self.device is not None:
@@ -190,6 +198,10 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         if estimator not in ("fp", "fp++", "jacobian"):
             raise ValueError(f"estimator {estimator!r} is not allowed in a move: use 'fp++', 'fp' or 'jacobian' "
                              "(Hutchinson's estimator is biased)")
+        if selection not in ("metropolis", "weights"):
+            raise ValueError(f"selection must be 'metropolis' or 'weights', got {selection!r}")
+        if selection == "weights" and proposal != "independent":
+            raise ValueError("selection='weights' needs proposal='independent' (latent-local proposals form a chain)")
         if int(n_proposals) < 1:
             raise ValueError(f"n_proposals must be >= 1, got {n_proposals}")
         if isinstance(prior_scale, str) and prior_scale.replace(" ", "") != "sqrt(T/T0)":
@@ -197,6 +209,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.n_proposals = int(n_proposals)
         self.estimator = estimator
         self.proposal = proposal
+        self.selection = selection
         self.k, self.k_eps = int(k), int(k_eps)
         self.exact_inverse = exact_inverse
         self.prior_scale = prior_scale
@@ -222,13 +235,14 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.n_nonfinite = 0
         self.n_refresh_failed = 0
         self.n_outside_domain = 0
+        self.n_moved = 0
 
     @property
     def statistics(self) -> dict:
-        """n_accepted, n_proposed, n_nonfinite, n_refresh_failed, n_outside_domain (plain ints)."""
+        """n_accepted, n_proposed, n_nonfinite, n_refresh_failed, n_outside_domain, n_moved (plain ints)."""
         return {"n_accepted": int(self.n_accepted), "n_proposed": int(self.n_proposed),
                 "n_nonfinite": int(self.n_nonfinite), "n_refresh_failed": int(self.n_refresh_failed),
-                "n_outside_domain": int(self.n_outside_domain)}
+                "n_outside_domain": int(self.n_outside_domain), "n_moved": int(self.n_moved)}
 
     @statistics.setter
     def statistics(self, value: dict) -> None:
@@ -237,6 +251,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.n_nonfinite = int(value.get("n_nonfinite", 0))
         self.n_refresh_failed = int(value.get("n_refresh_failed", 0))
         self.n_outside_domain = int(value.get("n_outside_domain", 0))
+        self.n_moved = int(value.get("n_moved", 0))
 
     @property
     def acceptance(self) -> float:
@@ -324,6 +339,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         else:
             accepted_any = self._propose_and_accept(state, energy, noise, kw, clock)
             self.n_proposed += self.n_proposals
+            self.n_moved += int(accepted_any)
             x = state.x.reshape(x.shape).numpy()
         self._write_back(thermodynamic_state, sampler_state, context_cache, x, accepted_any, noise)
         self.timing["total"] = self.timing.get("total", 0.0) + time.perf_counter() - t_start
@@ -357,9 +373,13 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             lw_new = log_weights(reduced_energies(energy, xs), prop.log_q)
             clock.lap("energies")
             self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
-            best, n_accepted, n_outside = sequential_chain(
-                state.log_w, lw_new, noise.uniform(self.n_proposals),
-                (lambda i: bool(self._in_domain(xs[i:i + 1], prop.w[i:i + 1], s))) if self.domain_check else None)
+            test = (lambda i: bool(self._in_domain(xs[i:i + 1], prop.w[i:i + 1], s))) if self.domain_check else None
+            if self.selection == "weights":
+                best, n_outside = weighted_selection(state.log_w, lw_new, noise.uniform(self.n_proposals + 1), test)
+                n_accepted = int(best >= 0)
+            else:
+                best, n_accepted, n_outside = sequential_chain(state.log_w, lw_new, noise.uniform(self.n_proposals),
+                                                               test)
             self.n_outside_domain += n_outside
             clock.lap("domain")
             if best >= 0:
@@ -433,7 +453,8 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                 (self.prior_scale if isinstance(self.prior_scale, str) else float(self.prior_scale)),
                 "platform": self.platform, "n_workers": self.n_workers, "seed": int(self.seed),
                 "reassign_velocities": self.reassign_velocities, "device": self.device,
-                "domain_check": self.domain_check, "torch_threads": self.torch_threads, "calls": int(self._calls),
+                "domain_check": self.domain_check, "torch_threads": self.torch_threads, "selection": self.selection,
+                "calls": int(self._calls),
                 "statistics": self.statistics}
 
     def __setstate__(self, state: dict) -> None:
@@ -446,6 +467,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             setattr(self, name, state[name])
         self.domain_check = bool(state.get("domain_check", True))
         self.torch_threads = state.get("torch_threads", 1)
+        self.selection = state.get("selection", "metropolis")
         self._calls = int(state.get("calls", 0))
         self.statistics = state["statistics"]
         self._energies, self._validated, self.timing = {}, set(), {}
