@@ -101,9 +101,12 @@ def _moves(flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_
     from ..moves import FlowPerturbationMove
     from ..moves.langevin import SeededLangevinDynamicsMove
 
+    # Velocities are redrawn at the state's temperature before every segment: after a swap a replica's
+    # velocities belong to its previous temperature, and carrying them heats the cold end of the ladder
+    # (alanine dipeptide: <u> at 300 K 1.5-2.1 kT above plain MD; docs/benchmarks.md section 6).
     moves = [SeededLangevinDynamicsMove(seed=seed, timestep=timestep_fs * unit.femtosecond,
                                         collision_rate=friction / unit.picosecond, n_steps=int(md_steps),
-                                        reassign_velocities=False)]
+                                        reassign_velocities=True)]
     if flow is not None:
         moves.append(FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, prior_scale=prior_scale,
                                           seed=seed, reassign_velocities=False, device=device))
