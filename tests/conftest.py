@@ -5,10 +5,16 @@ import openmm_flowpert as fp  # first: it sets OMP_WAIT_POLICY before torch star
 
 import pytest
 import torch
+
 from torch import nn
 from openmm_flowpert.flow import CNF, Affine, VelocityMLP, time_grid
 from openmm_flowpert.estimators import PerturbedFlowModule
 from openmm_flowpert.testsystems import GaussianMixtureTarget
+
+# One torch thread for the whole session: the tests' batches are small, and with 2 threads on the
+# 2-core machines they stall on thread synchronization (the SMC tests took 3x longer); the z-scores
+# in the docstrings were measured with one thread.
+torch.set_num_threads(1)
 
 
 class AnisotropicVelocity(nn.Module):
