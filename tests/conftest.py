@@ -75,6 +75,28 @@ def standard_error_of_chain_means(values: torch.Tensor) -> tuple:
     return float(means.mean()), float(means.std() / math.sqrt(means.numel()))
 
 
+def z_of_chain_means(chain_means: torch.Tensor, exact: float) -> float:
+    """z = (mean - exact) / SE of independent chains' time averages (chain_means (n_chains,))."""
+    return float((chain_means.mean() - exact) / (chain_means.std() / math.sqrt(chain_means.numel())))
+
+
+class WideRedrawNoise:
+    """Noise whose partial redraws (latent-local proposals) draw from N(0, sigma^2) instead of N(0, 1);
+    every other draw is the wrapped Noise's. The negative control of the latent-proposal tests: that
+    kernel is reversible with respect to N(0, sigma^2 I), not the prior."""
+
+    def __init__(self, noise, sigma):
+        self._noise, self._sigma = noise, sigma
+
+    def __getattr__(self, name):
+        return getattr(self._noise, name)
+
+    def partial_redraw(self, w, k, n_particles=0):
+        new, _ = self._noise.partial_redraw(w, k)
+        assert n_particles == 0  # the GMM flows are not mean-free
+        return torch.where(new != w, self._sigma * new, w), None
+
+
 @pytest.fixture(scope="session")
 def gmm_system():
     """The 12-D two-well GMM as an OpenMM System (openmm-torch); not translation invariant."""

@@ -41,6 +41,8 @@ from openmm_flowpert.moves.langevin import SeededLangevinDynamicsMove
 from openmm_flowpert.noise import Noise
 from openmm_flowpert.perturbed_flow import Proposal
 
+from conftest import z_of_chain_means
+
 A = np.array([[1.541, 0.3258, 0.2686], [-0.05376, 0.3052, 0.1462], [0.0191, 0.1041, 0.2493]])
 B_SHIFT = np.array([1.0, 0.0, 0.0])
 N_CHAINS, N_ITER = 32, 250
@@ -198,16 +200,14 @@ def _hybrid_chains(flow, variant: str, seed: int, n_chains: int = 256, n_iter: i
     return left.mean(0).double(), r2.mean(0).double()
 
 
-def _z(chain_means: torch.Tensor, exact: float) -> float:
-    return float((chain_means.mean() - exact) / (chain_means.std() / math.sqrt(chain_means.numel())))
-
 
 def test_hybrid_fp_plus_plus_exact_through_a_nonlinear_flow(sheared_flow):
     """Exact: P(x0 < 0) = 0.8 and E[x1^2 + x2^2] = 2 * 0.09 nm^2, within 3 SE (chain means).
 
     Measured z (fraction; x1^2 + x2^2) over seeds 1-7: within [-1.18, +1.19] and [-0.94, +1.19]."""
     left, r2 = _hybrid_chains(sheared_flow, "exact", seed=3)
-    assert abs(_z(left, 0.8)) < 3 and abs(_z(r2, 2 * S2)) < 3, (_z(left, 0.8), _z(r2, 2 * S2))
+    z_left, z_r2 = z_of_chain_means(left, 0.8), z_of_chain_means(r2, 2 * S2)
+    assert abs(z_left) < 3 and abs(z_r2) < 3, (z_left, z_r2)
 
 
 @pytest.mark.parametrize("variant", ["uniform", "stale"])
@@ -218,4 +218,4 @@ def test_hybrid_refresh_at_the_wrong_law_is_biased_negative_control(sheared_flow
     Measured z of x1^2 + x2^2 over seeds 1-7: uniform -19.7 to -23.9, stale -20.9 to -22.3 (the
     fraction moves too, +3.2 to +4.9 and +1.0 to +3.4 SE, but x1^2 + x2^2 is the sharp observable)."""
     _, r2 = _hybrid_chains(sheared_flow, variant, seed=3)
-    assert _z(r2, 2 * S2) < -4, _z(r2, 2 * S2)
+    assert z_of_chain_means(r2, 2 * S2) < -4, z_of_chain_means(r2, 2 * S2)

@@ -16,6 +16,8 @@ from openmm_flowpert import FlowFileError, FlowPerturbationMove
 from openmm_flowpert.metropolis import ChainState, independent_step, log_weights, refreshed_state, weighted_selection
 from openmm_flowpert.noise import Noise
 
+from conftest import z_of_chain_means
+
 
 def _run_chains(system, move, n_chains, n_apply, seed=0, start_weights=(0.5, 0.5)):
     """Independent chains (each its own SamplerState, started from exact samples of the mixture with
@@ -117,9 +119,6 @@ def _refresh_kernel_chains(system, flow, uniform_refresh: bool, seed: int, n_cha
     return torch.stack(left).mean(0), torch.stack(u).mean(0)
 
 
-def _z(chain_means: torch.Tensor, exact: float) -> float:
-    return float((chain_means.mean() - exact) / (chain_means.std() / math.sqrt(chain_means.numel())))
-
 
 @pytest.mark.parametrize("uniform_refresh", [False, True])
 def test_refresh_kernel_power_on_gmm_system(gmm_system, gmm_system_flow, uniform_refresh):
@@ -135,7 +134,7 @@ def test_refresh_kernel_power_on_gmm_system(gmm_system, gmm_system_flow, uniform
     test uses seed 0): exact (-0.01; -1.26) (-1.36; -1.21) (+2.14; +1.50) (-0.81; +0.12) (+0.17; -1.27);
     uniform (+9.02; +7.87) (+6.98; +5.10) (+6.96; +6.29) (+8.86; +7.17) (+8.79; +7.05)."""
     left, u = _refresh_kernel_chains(gmm_system, gmm_system_flow, uniform_refresh, seed=0)
-    z_left = _z(left, gmm_system.exact_fraction_left)
+    z_left = z_of_chain_means(left, gmm_system.exact_fraction_left)
     exact_u, exact_se = gmm_system.exact_mean_reduced_energy(200_000)
     z_u = float((u.mean() - exact_u) / math.hypot(u.std() / math.sqrt(u.numel()), exact_se))
     if uniform_refresh:

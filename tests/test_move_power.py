@@ -41,30 +41,15 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from openmm import unit
 from openmmtools import cache, mcmc, states
 
 from openmm_flowpert import FlowPerturbationMove
 from openmm_flowpert.moves.langevin import SeededLangevinDynamicsMove
 
+from conftest import WideRedrawNoise
+
 N_CHAINS, N_APPLY, N_PROPOSALS = 16, 8, 16
-
-
-class _WideRedraw:
-    """Noise whose partial redraws (latent-local proposals) draw from N(0, sigma^2) instead of N(0, 1);
-    every other draw is the wrapped Noise's."""
-
-    def __init__(self, noise, sigma):
-        self._noise, self._sigma = noise, sigma
-
-    def __getattr__(self, name):
-        return getattr(self._noise, name)
-
-    def partial_redraw(self, w, k, n_particles=0):
-        new, _ = self._noise.partial_redraw(w, k)
-        assert n_particles == 0  # the GMM flow is not mean-free
-        return torch.where(new != w, self._sigma * new, w), None
 
 
 class WideRedrawMove(FlowPerturbationMove):
@@ -73,7 +58,7 @@ class WideRedrawMove(FlowPerturbationMove):
     sigma = 1.5
 
     def _noise(self, x):
-        return _WideRedraw(super()._noise(x), self.sigma)
+        return WideRedrawNoise(super()._noise(x), self.sigma)
 
 
 def run_latent_chains(gmm_system, flow, seed, move_cls=FlowPerturbationMove, n_chains=N_CHAINS, n_apply=N_APPLY,

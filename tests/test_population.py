@@ -66,6 +66,8 @@ from scipy.stats import t as student_t
 import openmm_flowpert as fp
 from openmm_flowpert.samplers import sigmoid_schedule
 
+from conftest import WideRedrawNoise
+
 SMC = dict(n_walkers=128, n_annealing_steps=30, k=(10, 2), k_eps=(10, 2), sweeps=2)
 SMC_SEEDS, CONTROL_SEEDS = range(16), range(12)
 LMC = dict(k=3, k_eps=2)
@@ -137,22 +139,6 @@ def test_smc_other_estimators(gmm, gmm_flow, estimator):
     assert frac["se"] < 0.025 and log_z["se"] < 0.07, (frac, log_z)
 
 
-class _WideRedraw:
-    """Noise whose partial redraws (latent-local proposals) draw from N(0, sigma^2) instead of N(0, 1);
-    every other draw is the wrapped Noise's (as in tests/test_move_power.py)."""
-
-    def __init__(self, noise, sigma):
-        self._noise, self._sigma = noise, sigma
-
-    def __getattr__(self, name):
-        return getattr(self._noise, name)
-
-    def partial_redraw(self, w, k, n_particles=0):
-        new, _ = self._noise.partial_redraw(w, k)
-        assert n_particles == 0  # the GMM flow is not mean-free
-        return torch.where(new != w, self._sigma * new, w), None
-
-
 class WideRedrawLatentMC(fp.LatentMC):
     """Test-only biased variant: latent-local proposals that are not reversible w.r.t. the prior."""
 
@@ -160,7 +146,7 @@ class WideRedrawLatentMC(fp.LatentMC):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.noise = _WideRedraw(self.noise, self.sigma)
+        self.noise = WideRedrawNoise(self.noise, self.sigma)
 
 
 def _latent_mc(gmm, flow, n_walkers, cls=fp.LatentMC, seed=5) -> tuple:
