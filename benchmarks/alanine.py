@@ -60,11 +60,11 @@ def cmd_data(args):
     t0 = time.time()
     storage = os.path.splitext(args.out)[0] + ".nc"   # openmmtools storage: a killed run resumes
     r = run_replica_exchange(s.system, s.positions, geometric_temperatures(300, 600, 8), 200 + args.frames, storage,
-                             md_steps=500, seed=args.seed, platform="Reference", discard=200, read_states=range(4))
+                             md_steps=500, seed=args.seed, platform="Reference", discard=200, read_states=range(8))
     wall = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp.npz"
-    np.savez(tmp, pos=np.stack([r.positions[k] for k in range(4)]).astype(np.float32), red=r.reduced_energies,
+    np.savez(tmp, pos=np.stack([r.positions[k] for k in range(8)]).astype(np.float32), red=r.reduced_energies,
              temps=np.array(r.temperatures),
              swap=r.swap_acceptance)
     os.replace(tmp, args.out)
@@ -114,11 +114,25 @@ def cmd_train(args):
         if n_rep > 0:
             x = np.concatenate([x] + [extra] * n_rep, 0)
         print(f"training frames: {len(x)} ({100 * in_basin(x).mean():.1f} % in 0 < phi < 2.5)")
-    flow = fp.train_flow(x, topology=s.topology if args.coordinates == "internal" else None,
-                         coordinates=args.coordinates, hidden=args.hidden, n_layers=args.layers,
-                         n_steps=args.steps, epochs=args.epochs, batch_size=args.batch, lr=args.lr, ema=args.ema,
-                         patience=args.epochs, max_minutes=args.minutes, temperature=300.0, seed=args.seed,
-                         energy=ReducedPotential(s.system, 300.0), progress=True)
+    if args.max_frames and len(x) > args.max_frames:
+        x = x[np.random.default_rng(args.seed).choice(len(x), args.max_frames, replace=False)]
+        print(f"training frames: {len(x)} (a random subset)")
+    if args.init:  # maximum-likelihood fine-tuning of a trained flow on the same frames
+        from openmm_flowpert.training.likelihood import fine_tune_likelihood
+
+        flow = fine_tune_likelihood(fp.PerturbedFlow.load(args.init), x, minutes=args.likelihood_minutes,
+                                    batch_size=args.batch, lr=args.likelihood_lr, ema=args.ema, seed=args.seed,
+                                    progress=True)
+        flow.metadata["recipe"] = " ".join(["python benchmarks/alanine.py"] + sys.argv[1:])
+        flow.save(args.out)
+        print(json.dumps(flow.metadata["likelihood"], indent=1))
+        return
+    flow = fp.train_flow(x, topology=None if args.coordinates == "cartesian" else s.topology,
+                         coordinates=args.coordinates, hidden=args.hidden, n_layers=args.layers, n_freq=args.n_freq,
+                         n_steps=args.steps, grid=args.grid, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
+                         ema=args.ema, patience=args.epochs, max_minutes=args.minutes, temperature=300.0,
+                         seed=args.seed, energy=ReducedPotential(s.system, 300.0), progress=True,
+                         likelihood_minutes=args.likelihood_minutes, likelihood_lr=args.likelihood_lr)
     flow.metadata["recipe"] = " ".join(["python benchmarks/alanine.py"] + sys.argv[1:])
     flow.save(args.out)
     print(json.dumps(flow.metadata["training"], indent=1))
@@ -207,6 +221,73 @@ def cmd_measure(args):
             json.dump(out, fh, indent=1)
 
 
+def bootstrap_kish(log_w: np.ndarray, n_boot: int = 500, seed: int = 0) -> float:
+    """Bootstrap standard error of the Kish ESS fraction of log-weights."""
+    rng = np.random.default_rng(seed)
+    return float(np.std([kish(log_w[rng.integers(0, len(log_w), len(log_w))]) for _ in range(n_boot)], ddof=1))
+
+
+def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int, seed: int,
+            x0_pool: np.ndarray, batch: int = 250) -> dict:
+    """The flow-quality figures of the ablation table (docs/benchmarks.md section 6).
+
+    Kish ESS of ``n_exact`` proposals with exact log-dets (bootstrap SE), their median reduced energy
+    (kT), the negative log-likelihood of held-out frames ``heldout`` (n, N, 3) nm with exact log-dets
+    (nats, orientation included: log q of the Haar-rotated proposal density on the mean-free
+    subspace), and fp++ independence-Metropolis acceptance of ``chains`` chains x ``iters`` proposals
+    started from frames of ``x0_pool``.
+    """
+    noise = fp.Noise(seed)
+    t0 = time.time()
+    lw, us = [], []
+    for b0 in range(0, n_exact, batch):
+        nb = min(batch, n_exact - b0)
+        w = noise.gaussian(nb, flow.dim)
+        x, lq = flow.evaluate(w, torch.zeros(nb, 0, flow.dim), estimator="jacobian")
+        u = rp(x)
+        us.append(u)
+        lw.append(-u - lq.numpy())
+    lw, us = np.concatenate(lw), np.concatenate(us)
+    ok = np.isfinite(lw)
+    out = {"n_exact": int(n_exact), "kish_ess_exact_pct": 100 * kish(np.where(ok, lw, -np.inf)),
+           "kish_ess_exact_se_pct": 100 * bootstrap_kish(np.where(ok, lw, -np.inf)),
+           "proposal_median_u": float(np.median(us)), "time_exact_s": time.time() - t0}
+    t0 = time.time()
+    nll = []
+    for b0 in range(0, len(heldout), batch):
+        r = flow.refresh(heldout[b0:b0 + batch], noise, estimator="jacobian")
+        nll.append(-r.log_q.numpy())
+    nll = np.concatenate(nll)
+    okn = np.isfinite(nll)
+    out.update({"heldout_nll": float(nll[okn].mean()), "heldout_nll_se": float(nll[okn].std() / math.sqrt(okn.sum())),
+                "heldout_n": int(okn.sum()), "heldout_failed": int((~okn).sum()), "time_nll_s": time.time() - t0})
+    rng = np.random.default_rng(seed)
+    x0 = x0_pool[rng.choice(len(x0_pool), chains, replace=False)]
+    t0 = time.time()
+    res = fp.run_metropolis(flow, rp, chains, iters, estimator="fp++", x0=x0, seed=seed + 1, store_positions=False)
+    out.update({"acceptance_fpp": float(res.acceptance), "time_mc_s": time.time() - t0})
+    return out
+
+
+def cmd_quality(args):
+    from openmm_flowpert.energies import ReducedPotential
+    from openmm_flowpert.systems import alanine_dipeptide
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    s = alanine_dipeptide()
+    rp = ReducedPotential(s.system, 300.0)
+    flow = fp.PerturbedFlow.load(args.flow)
+    held = load_frames(args.heldout)
+    held = held[:: max(1, len(held) // args.n_heldout)][: args.n_heldout]
+    out = {"flow": args.flow, "label": args.label, "training": flow.metadata.get("training"),
+           "recipe": flow.metadata.get("recipe"), "n_steps": flow.n_steps}
+    out.update(quality(flow, rp, held, args.n_exact, args.chains, args.iters, args.seed, held))
+    print(json.dumps(out), flush=True)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(out) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -221,10 +302,18 @@ def main():
     t = sub.add_parser("train")
     t.add_argument("--data", required=True, help="npz file(s) from 'data', comma-separated")
     t.add_argument("--out", required=True)
-    t.add_argument("--coordinates", default="internal", choices=["internal", "cartesian"])
+    t.add_argument("--coordinates", default="internal", choices=sorted(fp.flow.TRANSFORMS))
     t.add_argument("--hidden", type=int, default=256)
     t.add_argument("--layers", type=int, default=3)
     t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--grid", default="quadratic", choices=["quadratic", "uniform"])
+    t.add_argument("--n-freq", type=int, default=4)
+    t.add_argument("--max-frames", type=int, default=0, help="train on a random subset of this many frames")
+    t.add_argument("--likelihood-minutes", type=float, default=0.0,
+                   help="maximum-likelihood fine-tuning after flow matching (minutes)")
+    t.add_argument("--likelihood-lr", type=float, default=2e-4)
+    t.add_argument("--init", help="fine-tune this flow file by maximum likelihood instead of training anew "
+                                  "(--likelihood-minutes, --batch, --ema, --likelihood-lr)")
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--batch", type=int, default=256)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -244,8 +333,19 @@ def main():
     m.add_argument("--prior-scale", type=float, default=None, help="latent prior scale (default: the flow's)")
     m.add_argument("--skip-mc", action="store_true", help="skip the Metropolis acceptance runs")
     m.add_argument("--json")
+    q = sub.add_parser("quality", help="the ablation table's figures for one flow")
+    q.add_argument("--flow", required=True)
+    q.add_argument("--heldout", required=True, help="npz file(s) whose 300 K frames were not trained on")
+    q.add_argument("--label", default="")
+    q.add_argument("--n-exact", type=int, default=5000)
+    q.add_argument("--n-heldout", type=int, default=1000)
+    q.add_argument("--chains", type=int, default=32)
+    q.add_argument("--iters", type=int, default=30)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", help="append the result as one JSON line")
     args = p.parse_args()
-    {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure}[args.cmd](args)
+    {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure,
+     "quality": cmd_quality}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
     python benchmarks/gmm_smc.py --dim 10   --walkers 1000 --steps 500
     python benchmarks/gmm_smc.py --dim 1000 --walkers 256  --steps 200 --hidden 256 --epochs 15
+    python benchmarks/gmm_smc.py --dim 100  --walkers 256  --steps 50 --exact-field --flow-steps 32
 
 Trains a flow on exact samples drawn 50/50 from the two wells (so reweighting must recover
-1/4 : 3/4), then runs SMC on the weight exponent with fp, fp++, jacobian, hutchinson(1) and
-hutchinson(10). Reports per method: fraction with x0 < 0 (exact 0.25), weighted mean reduced
+1/4 : 3/4), or with ``--exact-field`` uses the exact flow-matching field of that 50/50 mixture
+(``testsystems.GaussianMixtureField``: a perfectly trained flow, no training; ``--flow-steps`` RK4
+steps on the quadratic grid, 32 by default), then runs SMC on the weight exponent with fp, fp++,
+jacobian, hutchinson(1) and hutchinson(10). Reports per method: fraction with x0 < 0 (exact 0.25), weighted mean reduced
 energy (exact by direct sampling), final acceptance, variance of log W over the final walkers,
 log Z (exact 0), wall time, and the cost of one weight evaluation. Methods whose SMC would not fit
 the budget (``--max-seconds``) are timed on a few weight evaluations only.
@@ -24,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import cpu_name  # noqa: E402
 
-from openmm_flowpert.testsystems import GaussianMixtureTarget  # noqa: E402
+from openmm_flowpert.testsystems import GaussianMixtureField, GaussianMixtureTarget  # noqa: E402
 
 
 def time_weights(flow, estimator, n_probes, n, seed=0):
@@ -44,20 +47,30 @@ def main():
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--samples", type=int, default=20000)
-    p.add_argument("--flow-steps", type=int, default=16)
+    p.add_argument("--flow-steps", type=int, default=None,
+                   help="integrator steps of the flow (default: 16 for a trained flow, 32 for --exact-field)")
+    p.add_argument("--exact-field", action="store_true",
+                   help="use the exact flow-matching field of the 50/50 mixture instead of training a flow "
+                        "(--hidden, --epochs and --samples are then ignored)")
     p.add_argument("--methods", default="fp,fp++,jacobian,hutchinson:1,hutchinson:10")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="skip the SMC of a method predicted slower")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="independent SMC runs per method (seeds seed, seed+1, ...)")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.flow_steps is None:
+        args.flow_steps = 32 if args.exact_field else 16
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     gmm = GaussianMixtureTarget(dim=args.dim)
     exact_u, exact_u_se = gmm.exact_mean_energy(200_000)
     t0 = time.perf_counter()
-    flow = fp.train_flow(gmm.sample(args.samples, seed=1, weights=(0.5, 0.5)), epochs=args.epochs, hidden=args.hidden,
-                         n_layers=3, n_steps=args.flow_steps, seed=args.seed, progress=True)
-    out = {"dim": args.dim, "train_s": time.perf_counter() - t0, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+    if args.exact_field:  # a perfectly trained flow on 50/50 data: the exact field, RK4 on the quadratic grid
+        flow = GaussianMixtureField.from_target(gmm, weights=(0.5, 0.5)).build_flow(args.flow_steps, "quadratic")
+    else:
+        flow = fp.train_flow(gmm.sample(args.samples, seed=1, weights=(0.5, 0.5)), epochs=args.epochs,
+                             hidden=args.hidden, n_layers=3, n_steps=args.flow_steps, seed=args.seed, progress=True)
+    out = {"dim": args.dim, "flow": "exact-field" if args.exact_field else "trained",
+           "train_s": time.perf_counter() - t0, "cpu": cpu_name(), "threads": torch.get_num_threads(),
            "exact_mean_u": [exact_u, exact_u_se], "args": vars(args), "methods": {}}
     k = args.k or [min(100, args.dim), 2]
     for m in args.methods.split(","):

@@ -197,23 +197,38 @@ class PerturbedFlow:
         :class:`~openmm_flowpert.flow.VelocityMLP` velocity, whose sizes the metadata records; files
         that predate that record get them from the weights); the forward map is unchanged bit for bit.
         """
-        rec = self.info
+        return self.rebuilt()
+
+    def parts(self) -> Tuple[torch.nn.Module, torch.nn.Module]:
+        """The velocity field (a float64 :class:`~openmm_flowpert.flow.VelocityMLP`) and the fixed
+        transform as plain modules, rebuilt from the compiled file: what :meth:`build` took."""
         sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         vel_sd = {k[len("cnf.velocity."):]: v for k, v in sd.items() if k.startswith("cnf.velocity.")}
         try:
-            spec = rec.velocity or guess_velocity_config(vel_sd)
-            velocity = velocity_from_state(spec, vel_sd)
+            spec = self.info.velocity or guess_velocity_config(vel_sd)
+            velocity = velocity_from_state(spec, vel_sd).double()
+            velocity.load_state_dict(vel_sd)  # again in float64: no weight passes through float32
         except (KeyError, RuntimeError) as exc:
             raise ValueError("this flow's velocity field is not a VelocityMLP, so it cannot be re-compiled "
                              "from its file; build it again from its Python module with "
                              f"PerturbedFlow.build ({exc})") from None
-        transform = transform_from_state(rec.transform, {k[len("transform."):]: v for k, v in sd.items()
-                                                         if k.startswith("transform.")})
-        new = PerturbedFlow.build(velocity, torch.tensor(rec.times, dtype=torch.float64), transform,
+        transform = transform_from_state(self.info.transform, {k[len("transform."):]: v for k, v in sd.items()
+                                                               if k.startswith("transform.")})
+        return velocity, transform
+
+    def rebuilt(self, velocity: Optional[torch.nn.Module] = None,
+                times: Optional[torch.Tensor] = None) -> "PerturbedFlow":
+        """This flow compiled with this version's code, optionally with another velocity field (same
+        sizes and coordinates, e.g. fine-tuned weights) or time grid; transform, prior scale,
+        temperature and the other metadata are kept. Unchanged parts give the same map bit for bit."""
+        rec = self.info
+        old_velocity, transform = self.parts()
+        grid = torch.tensor(rec.times, dtype=torch.float64) if times is None else torch.as_tensor(times)
+        new = PerturbedFlow.build(old_velocity if velocity is None else velocity, grid, transform,
                                   n_particles=rec.latent_particles, scheme=rec.integrator,
                                   prior_scale=rec.prior_scale, temperature=rec.temperature, n_atoms=rec.n_atoms)
         meta = dict(self.metadata)
-        for key in ("inverse_memory", "code", "velocity", "transform"):  # compiled now; recorded from now on
+        for key in ("inverse_memory", "code", "velocity", "transform", "n_steps", "times"):  # recorded anew
             meta[key] = new.metadata[key]
         return PerturbedFlow(new.module, meta).to(self.device)
 

@@ -56,7 +56,7 @@ def test_cli_simulate_train_sample(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(flow_file), "--epochs", "3", "--hidden", "32",
                  "--layers", "2", "--steps", "4"]) == 0
     flow = fp.PerturbedFlow.load(str(flow_file))
-    assert flow.coordinates == "internal" and flow.n_atoms == 22
+    assert flow.coordinates == "internal-cdf" and flow.n_atoms == 22   # the default for molecules
     assert "proposal_median_energy" in flow.metadata["training"]
     assert not os.path.exists(str(flow_file) + ".ckpt")
 
@@ -110,8 +110,9 @@ def test_hybrid_resume_continues(tmp_path):
 
 
 # Floor measured on the bundled flow (docs/benchmarks.md, section 6): fp++ independence acceptance
-# from MD-equilibrated states was ~10 %; the test asserts a floor of 3 % on 32 chains x 20 iterations.
-BUNDLED_ACCEPTANCE_FLOOR = 0.03
+# from MD-equilibrated states is ~28 % (the tanh-map flow it replaced: ~11-13 %); the test asserts a
+# floor of 10 % on 32 chains x 20 iterations, so a regression to the old flow's quality shows.
+BUNDLED_ACCEPTANCE_FLOOR = 0.10
 
 
 def test_bundled_flow_matches_system_and_is_accepted():
@@ -119,7 +120,7 @@ def test_bundled_flow_matches_system_and_is_accepted():
     assert path is not None and os.path.getsize(path) < 8e6
     flow = fp.PerturbedFlow.load(path)
     ala = get_system("alanine-dipeptide")
-    assert flow.n_atoms == ala.n_atoms and flow.coordinates == "internal"
+    assert flow.n_atoms == ala.n_atoms and flow.coordinates == "internal-cdf"
     from openmm.app import Topology  # noqa: F401
     from openmm_flowpert.energies import ReducedPotential, check_system
     from openmm_flowpert.flow import build_zmatrix

@@ -33,7 +33,7 @@ def test_hybrid_md_own_pdb(tmp_path):
     assert (tmp_path / "run" / "alanine-dipeptide.pdb").stat().st_size > 0
     assert (tmp_path / "run" / "flow.pt").stat().st_size > 0
     assert "22 atoms" in out
-    assert "internal coordinates, d = 60" in out
+    assert "internal-cdf coordinates, d = 60" in out
     acc, n_acc, n_prop = number(r"flow-move acceptance: ([\d.]+) \((\d+) / (\d+)\)", out)
     assert int(n_prop) == 3 * 4 and 0 <= int(n_acc) <= int(n_prop)       # 3 iterations x 4 proposals
     assert float(acc) == pytest.approx(int(n_acc) / int(n_prop), abs=1e-4)

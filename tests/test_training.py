@@ -115,7 +115,7 @@ def test_flow_records_sizes_transform_and_backend(chain, chain_x):
     flow = fp.train_flow(chain_x, topology=chain.topology, n_freq=3, **SMALL)
     m = flow.info
     assert m.velocity == {"kind": "VelocityMLP", "dim": 9, "hidden": 16, "n_layers": 2, "n_freq": 3}
-    assert m.transform == {"name": "internal", "config": {"n_atoms": 5}}
+    assert m.transform == {"name": "internal-cdf", "config": {"n_atoms": 5}}   # the default for molecules
     assert m.noise_backend == fp.noise.backend() and m.training["epochs"] == 2
     assert FlowMetadata.from_json(m.to_json()) == m and m.to_json() == flow.metadata
 

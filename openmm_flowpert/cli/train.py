@@ -56,9 +56,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the proposal-energy validation")
     p.add_argument("--temperature", type=_args.positive_float, default=300.0,
                    help="K of the training data (for validation)")
-    p.add_argument("--coordinates", default="internal", choices=sorted(TRANSFORMS),
-                   help="the flow's fixed transform: internal coordinates from the topology's bonds, or "
-                        "mean-free Cartesians")
+    p.add_argument("--coordinates", default="internal-cdf", choices=sorted(TRANSFORMS),
+                   help="the flow's fixed transform: internal coordinates from the topology's bonds with each "
+                        "torsion mapped to the line by its own data marginal (internal-cdf), the same with a tanh "
+                        "map of torsions (internal), or mean-free Cartesians")
     p.add_argument("--device", type=_args.device, default="cpu", help="torch device of the training (cpu or cuda)")
     p.add_argument("--restart", action="store_true", help="delete this run's checkpoint (OUT.ckpt) and start over, "
                                                           "instead of resuming it")

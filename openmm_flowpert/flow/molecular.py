@@ -33,7 +33,8 @@ import torch
 from .internal import InternalCoordinates, build_zmatrix
 from .transforms import FixedTransform, register_transform
 
-__all__ = ["NormalizedInternal", "least_populated_angle", "frame_rotation", "haar_rotations"]
+__all__ = ["NormalizedInternal", "MarginalInternal", "least_populated_angle", "torsion_marginals", "frame_rotation",
+           "haar_rotations"]
 
 _LOG_8PI2 = math.log(8.0 * math.pi ** 2)
 
@@ -181,20 +182,28 @@ class NormalizedInternal(FixedTransform):
         per = math.log(math.pi) + 2.0 * math.log(2.0) - 2.0 * a - 2.0 * torch.log1p(torch.exp(-2.0 * a))
         return per.sum(-1)
 
-    def _logdet(self, ic_y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.log_std_sum + self._torsion_logdet(v) + self.ic.log_det(ic_y) + self.log_8pi2
+    def _to_angle(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Torsions on the line v (B, N - 3) -> angles t (rad) and sum log |dt/dv| (B,)."""
+        return self.cut + math.pi * (1.0 + torch.tanh(v)), self._torsion_logdet(v)
+
+    def _to_line(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Angles t (B, N - 3) rad, any branch -> v on the line and sum log |dt/dv| (B,)."""
+        v = torch.atanh(torch.remainder(t - self.cut, 2.0 * math.pi) / math.pi - 1.0)
+        return v, self._torsion_logdet(v)
+
+    def _logdet(self, ic_y: torch.Tensor, logdet_t: torch.Tensor) -> torch.Tensor:
+        return self.log_std_sum + logdet_t + self.ic.log_det(ic_y) + self.log_8pi2
 
     def forward(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Normalized y (B, 3N - 6) -> canonical-frame mean-free x (B, 3N) nm and log |det|."""
         raw = self.mean + self.std * y
-        v = raw[:, 5::3]
-        t = self.cut + math.pi * (1.0 + torch.tanh(v))
+        t, logdet_t = self._to_angle(raw[:, 5::3])
         rest = raw[:, 3:].reshape(y.shape[0], -1, 3)
         rest = torch.cat([rest[:, :, :2], t.unsqueeze(-1)], -1).reshape(y.shape[0], -1)
         zero = torch.zeros(y.shape[0], 3, dtype=y.dtype, device=y.device)
         ic_y = torch.cat([raw[:, :3], zero, rest], 1)
         x, _ = self.ic(ic_y)
-        return x, self._logdet(ic_y, v)
+        return x, self._logdet(ic_y, logdet_t)
 
     @torch.jit.export
     def inverse(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -202,10 +211,139 @@ class NormalizedInternal(FixedTransform):
         ic_y, _ = self.ic.inverse(x)
         B = x.shape[0]
         raw = torch.cat([ic_y[:, :3], ic_y[:, 6:]], 1)
-        s = torch.remainder(raw[:, 5::3] - self.cut, 2.0 * math.pi) / math.pi - 1.0
-        v = torch.atanh(s)
+        v, logdet_t = self._to_line(raw[:, 5::3])
         rest = raw[:, 3:].reshape(B, -1, 3)
         mapped = torch.cat([raw[:, :3], torch.cat([rest[:, :, :2], v.unsqueeze(-1)], -1).reshape(B, -1)], 1)
         y = (mapped - self.mean) / self.std
         ic_y0 = torch.cat([ic_y[:, :3], torch.zeros_like(ic_y[:, 3:6]), ic_y[:, 6:]], 1)
-        return y, self._logdet(ic_y0, v)
+        return y, self._logdet(ic_y0, logdet_t)
+
+
+def torsion_marginals(t: torch.Tensor, cut: torch.Tensor, n_bins: int = 180, smooth_bins: float = 1.0,
+                      floor: float = 1e-3) -> torch.Tensor:
+    """Bin masses (m, n_bins) of the marginal of each torsion column of t (n, m) rad on its circle,
+    starting at its ``cut`` (m,): a histogram smoothed by a periodic Gaussian kernel of
+    ``smooth_bins`` bins, mixed with the uniform density at weight ``floor`` (so that every angle
+    keeps a positive density), each row summing to 1."""
+    width = 2.0 * math.pi / n_bins
+    s = torch.remainder(t.double() - cut, 2.0 * math.pi)
+    idx = torch.floor(s / width).long().clamp_(0, n_bins - 1)
+    counts = torch.zeros(t.shape[1], n_bins, dtype=torch.float64)
+    counts.scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=torch.float64))
+    if smooth_bins > 0:
+        k = torch.arange(-4 * int(math.ceil(smooth_bins)), 4 * int(math.ceil(smooth_bins)) + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (k / smooth_bins) ** 2)
+        kernel = kernel / kernel.sum()
+        counts = sum(kernel[i] * counts.roll(int(k[i]), 1) for i in range(k.numel()))
+    mass = counts / counts.sum(1, keepdim=True)
+    return (1.0 - floor) * mass + floor / n_bins
+
+
+@register_transform
+class MarginalInternal(NormalizedInternal):
+    """Normalized internal coordinates whose torsions are mapped to the line by their own marginals.
+
+    As :class:`NormalizedInternal` (bonds, angles, Haar orientation, cut at the least-populated
+    angle), but each torsion t goes to the line through the fitted marginal distribution of the
+    training data instead of a tanh: with F the cumulative distribution of a piecewise-constant
+    density on (cut, cut + 2 pi) (a smoothed histogram of ``n_bins`` bins with a uniform floor, see
+    :func:`torsion_marginals`), ``v = Phi^-1(F(t))`` and ``t = F^-1(Phi(v))``, Phi the standard
+    normal distribution function, so that
+
+        log |dt/dv| = log phi(v) - log f(t)      (phi the standard normal density, f = F').
+
+    Every torsion of the data is then standard normal on the line: a three-fold methyl rotor, whose
+    narrow peaks a tanh map leaves for the velocity field to resolve (and the bundled flow of the
+    tanh map spread almost uniformly over the circle), costs the flow nothing. Both directions are
+    exact to round-off; the lower half (v <= 0) is computed from F and the upper half from 1 - F,
+    so that round trips hold in both tails. Registered as ``"internal-cdf"``.
+
+    Parameters
+    ----------
+    ic, mean, std, cut
+        As :class:`NormalizedInternal` (mean and std of the mapped torsions are close to 0 and 1).
+    mass : Tensor (N - 3, n_bins)
+        Bin masses of each torsion's density on (cut, cut + 2 pi), positive, rows summing to 1.
+    """
+
+    name = "internal-cdf"
+
+    def __init__(self, ic: InternalCoordinates, mean: torch.Tensor, std: torch.Tensor, cut: torch.Tensor,
+                 mass: torch.Tensor):
+        super().__init__(ic, mean, std, cut)
+        mass = torch.as_tensor(mass, dtype=torch.float64)
+        if mass.dim() != 2 or mass.shape[0] != self.n_atoms - 3 or not bool((mass > 0).all()):
+            raise ValueError(f"mass must be positive with shape ({self.n_atoms - 3}, n_bins), got {tuple(mass.shape)}")
+        mass = mass / mass.sum(1, keepdim=True)
+        n_bins = mass.shape[1]
+        zero = torch.zeros(mass.shape[0], 1, dtype=torch.float64)
+        cdf = torch.cat([zero, mass.cumsum(1)], 1)
+        sf = torch.cat([mass.flip(1).cumsum(1).flip(1), zero], 1)  # 1 - cdf, summed from the top
+        cdf[:, -1] = 1.0
+        sf[:, 0] = 1.0
+        self.n_bins = int(n_bins)
+        self.width = 2.0 * math.pi / n_bins
+        self.register_buffer("mass", mass)
+        self.register_buffer("cdf", cdf)
+        self.register_buffer("neg_sf", -sf)  # increasing, for searchsorted
+        self.register_buffer("sf", sf)
+        self.register_buffer("log_density", torch.log(mass / self.width))
+
+    @classmethod
+    def fit(cls, ic: InternalCoordinates, x: torch.Tensor, n_bins: int = 180) -> "MarginalInternal":
+        """Normalization and torsion marginals from training Cartesians x (n, 3N) in nm (float64)."""
+        y, _ = ic.inverse(torch.as_tensor(x, dtype=torch.float64))
+        raw = torch.cat([y[:, :3], y[:, 6:]], 1)
+        cut = least_populated_angle(raw[:, 5::3])
+        mass = torsion_marginals(raw[:, 5::3], cut, n_bins)
+        n = raw.shape[1]
+        unit = cls(ic, torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), cut, mass)
+        v, _ = unit._to_line(raw[:, 5::3])
+        mapped = raw.clone()
+        mapped[:, 5::3] = v
+        return cls(ic, mapped.mean(0), mapped.std(0).clamp_min(1e-6), cut, mass)
+
+    @classmethod
+    def from_state(cls, config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> "MarginalInternal":
+        ic = InternalCoordinates(state["ic.zmatrix"], int(config["n_atoms"]))
+        t = cls(ic, state["mean"], state["std"], state["cut"], state["mass"])
+        t.load_state_dict(state)
+        return t
+
+    def flow_layout(self, cnf_dim: int, n_particles: int) -> Dict[str, Any]:
+        layout = super().flow_layout(cnf_dim, n_particles)
+        layout["coordinates"] = self.name
+        return layout
+
+    def _gather(self, table: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """table (m, K) at bin indices j (B, m) -> (B, m)."""
+        return torch.gather(table, 1, j.t().contiguous()).t()
+
+    def _to_angle(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        lower = v <= 0.0
+        u_lo = torch.special.ndtr(v)        # F(t) where v <= 0
+        u_hi = torch.special.ndtr(-v)       # 1 - F(t) where v > 0
+        last = self.n_bins - 1
+        j_lo = (torch.searchsorted(self.cdf, u_lo.t().contiguous(), right=True).t() - 1).clamp(0, last)
+        j_hi = (torch.searchsorted(self.neg_sf, (-u_hi).t().contiguous(), right=False).t() - 1).clamp(0, last)
+        j = torch.where(lower, j_lo, j_hi)
+        dens = self._gather(self.mass, j) / self.width
+        # within a bin F is linear: s = (left edge) + (u - F(left edge)) / mass * width, and from the top
+        s_lo = (j_lo.to(v.dtype) + (u_lo - self._gather(self.cdf, j_lo)) / self._gather(self.mass, j_lo)) * self.width
+        s_hi = ((j_hi + 1).to(v.dtype) - (u_hi - self._gather(self.sf, j_hi + 1)) / self._gather(self.mass, j_hi)) \
+            * self.width
+        s = torch.where(lower, s_lo, s_hi)
+        logdet = (-0.5 * v * v - 0.5 * math.log(2.0 * math.pi) - torch.log(dens)).sum(-1)
+        return self.cut + s, logdet
+
+    def _to_line(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        s = torch.remainder(t - self.cut, 2.0 * math.pi)
+        j = torch.floor(s / self.width).long().clamp(0, self.n_bins - 1)
+        frac = s - j.to(s.dtype) * self.width
+        m = self._gather(self.mass, j)
+        u_lo = self._gather(self.cdf, j) + m * (frac / self.width)
+        u_hi = self._gather(self.sf, j + 1) + m * ((self.width - frac) / self.width)
+        v = torch.where(u_lo <= 0.5, torch.special.ndtri(u_lo.clamp_min(1e-300)),
+                        -torch.special.ndtri(u_hi.clamp_min(1e-300)))
+        logdet = (-0.5 * v * v - 0.5 * math.log(2.0 * math.pi) - torch.log(m / self.width)).sum(-1)
+        return v, logdet

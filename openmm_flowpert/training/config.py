@@ -42,6 +42,10 @@ class TrainingConfig:
                                          "(default: never)")
     minutes: Optional[float] = _opt(None, float, "wall-clock budget in minutes; training then stops, keeping the "
                                           "best weights (default: none)")
+    likelihood_minutes: float = _opt(0.0, float, "maximum-likelihood fine-tuning after flow matching, in minutes of "
+                                                 "wall time (0: none; plain CNFs: internal coordinates, abstract "
+                                                 "targets)")
+    likelihood_lr: float = _opt(2e-4, float, "Adam learning rate of the likelihood fine-tuning")
     prior_scale: float = _opt(1.0, float, "standard deviation of the latent prior")
     seed: int = _opt(0, int, "seeds the split, the initialization and the noise: equal seeds, equal flows")
 
@@ -53,6 +57,8 @@ class TrainingConfig:
             raise ValueError(f"ema must be in [0, 1], got {self.ema}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.likelihood_minutes < 0:
+            raise ValueError(f"likelihood_minutes must be >= 0, got {self.likelihood_minutes}")
         if not self.prior_scale > 0:
             raise ValueError(f"prior_scale must be positive, got {self.prior_scale}")
 

@@ -8,10 +8,12 @@
 - :mod:`.trainer`: :class:`FlowTrainer` (float32 Adam, cosine decay, EMA weights, checkpoints);
 - :mod:`.validation`: proposal energies against the training data.
 
-The exported flow uses the EMA weights of the best validation epoch in float64. Normalization (the
-flow's fixed transform): for molecules with a topology, internal coordinates
-(:class:`~openmm_flowpert.flow.NormalizedInternal`: bonds, angles and cut torsions scaled by their
-data spread, orientation Haar-distributed, d = 3N - 6); for molecules without one, mean-free
+The exported flow uses the EMA weights of the best validation epoch in float64; with
+``likelihood_minutes`` > 0 they are then fine-tuned by maximum likelihood (:mod:`.likelihood`).
+Normalization (the flow's fixed transform): for molecules with a topology, internal coordinates
+(:class:`~openmm_flowpert.flow.MarginalInternal`: bonds and angles scaled by their data spread,
+torsions mapped to the line through their fitted marginals, orientation Haar-distributed,
+d = 3N - 6); for molecules without one, mean-free
 Cartesians scaled by their RMS spread around the mean structure (d = 3N - 3); for abstract
 targets, per-coordinate standardization.
 """
@@ -27,6 +29,7 @@ from ..flow import time_grid
 from ..perturbed_flow import PerturbedFlow
 from .config import DEFAULTS, TrainingConfig
 from .data import prepare_data
+from .likelihood import LikelihoodTrainer
 from .trainer import FlowTrainer, load_checkpoint
 from .validation import energy_validation
 
@@ -41,6 +44,7 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, rem
                batch_size: int = _D.batch_size, lr: float = _D.lr, weight_decay: float = _D.weight_decay,
                ema: float = _D.ema, validation_fraction: float = _D.validation_fraction,
                patience: Optional[int] = _D.patience, minutes: Optional[float] = _D.minutes,
+               likelihood_minutes: float = _D.likelihood_minutes, likelihood_lr: float = _D.likelihood_lr,
                prior_scale: float = _D.prior_scale, seed: int = _D.seed, temperature: Optional[float] = None,
                energy: Optional[Callable] = None, n_validation_proposals: int = 256,
                checkpoint: Optional[str] = None, checkpoint_every: int = 10, device: str = "cpu",
@@ -55,14 +59,16 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, rem
     topology : openmm.app.Topology or mdtraj.Topology, optional
         Bonds of the molecule; with it the flow works in internal coordinates (the default then).
     coordinates : str, optional
-        A registered fixed transform (:data:`openmm_flowpert.flow.TRANSFORMS`): ``"internal"``
-        (needs ``topology``; recommended for molecules: d = 3N - 6, bonds and angles at their own
-        scale) or ``"cartesian"`` (mean-free Cartesians, d = 3N - 3).
+        A registered fixed transform (:data:`openmm_flowpert.flow.TRANSFORMS`): ``"internal-cdf"``
+        (the default with a topology; d = 3N - 6, bonds and angles at their own scale, each torsion
+        mapped to the line by its fitted marginal: :class:`~openmm_flowpert.flow.MarginalInternal`),
+        ``"internal"`` (the same with a tanh map of the torsions) or ``"cartesian"`` (mean-free
+        Cartesians, d = 3N - 3).
     remove_com : bool, optional
         Cartesian flows: work in the mean-free subspace (d = 3N - 3). Default: True for molecular
         samples; must be False for (n, d) arrays.
     n_steps, grid, scheme, hidden, n_layers, n_freq, epochs, batch_size, lr, weight_decay, ema, \
-validation_fraction, patience, minutes, prior_scale, seed
+validation_fraction, patience, minutes, likelihood_minutes, likelihood_lr, prior_scale, seed
         Hyperparameters, described (with their defaults, shared with ``flowpert train``) in
         :class:`~openmm_flowpert.training.TrainingConfig`. Equal seeds give equal flows.
     temperature : float, optional
@@ -104,6 +110,7 @@ validation_fraction, patience, minutes, prior_scale, seed
     config = TrainingConfig(hidden=hidden, n_layers=n_layers, n_freq=n_freq, n_steps=n_steps, grid=grid,
                             scheme=scheme, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             ema=ema, validation_fraction=validation_fraction, patience=patience, minutes=minutes,
+                            likelihood_minutes=likelihood_minutes, likelihood_lr=likelihood_lr,
                             prior_scale=prior_scale, seed=seed)
     return _train(samples, config, topology=topology, coordinates=coordinates, remove_com=remove_com,
                   temperature=temperature, energy=energy, n_validation_proposals=n_validation_proposals,
@@ -120,7 +127,7 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
         raise ValueError("mixed_precision=True needs device='cuda' (bfloat16 autocast on a GPU); "
                          "train in float32 on the CPU")
     if coordinates is None:
-        coordinates = "internal" if topology is not None else "cartesian"
+        coordinates = "internal-cdf" if topology is not None else "cartesian"
     gen = torch.Generator().manual_seed(int(config.seed))
     data = prepare_data(samples, coordinates=coordinates, topology=topology, remove_com=remove_com,
                         validation_fraction=config.validation_fraction, generator=gen, device=tdev)
@@ -134,7 +141,10 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
             "wall_time_s": round(trainer.elapsed(), 2), "hidden": config.hidden, "n_layers": config.n_layers,
             "n_freq": config.n_freq, "n_samples": int(data.x.shape[0]), "seed": int(config.seed),
             "coordinates": coordinates, "device": str(tdev), "mixed_precision": bool(mixed_precision)}
-    flow = PerturbedFlow.build(trainer.best_velocity(), time_grid(config.n_steps, config.grid), data.transform,
+    velocity = trainer.best_velocity()
+    if config.likelihood_minutes > 0:
+        velocity, info["likelihood"] = _fine_tune(velocity, data, config, gen, progress)
+    flow = PerturbedFlow.build(velocity, time_grid(config.n_steps, config.grid), data.transform,
                                n_particles=data.n_particles, scheme=config.scheme, prior_scale=config.prior_scale,
                                temperature=temperature, n_atoms=data.n_atoms,
                                extra={"grid": config.grid, "training": info})
@@ -142,3 +152,20 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
         info.update(energy_validation(flow, data, energy, n_validation_proposals, gen, int(config.seed)))
         flow.metadata["training"] = info
     return flow
+
+
+def _fine_tune(velocity: torch.nn.Module, data, config: TrainingConfig, gen: torch.Generator, progress: bool):
+    """The maximum-likelihood stage (:mod:`.likelihood`) on the flow-matching data and split."""
+    if data.n_particles:
+        raise ValueError("likelihood_minutes > 0 needs a plain CNF (internal coordinates or an abstract target); "
+                         "mean-free Cartesian flows are not supported: use likelihood_minutes=0")
+    started = time.time()
+    trainer = LikelihoodTrainer(velocity, data.y_train.cpu(), data.y_val.cpu(),
+                                time_grid(config.n_steps, config.grid).tolist(), gen, lr=config.likelihood_lr,
+                                batch_size=min(config.batch_size, 128), ema=min(config.ema, 0.99),
+                                prior_scale=config.prior_scale)
+    before = trainer.best
+    trainer.fit(config.likelihood_minutes, progress=progress)
+    info = {"heldout_nll_before": round(before, 4), "heldout_nll_after": round(trainer.best, 4),
+            "steps": trainer.steps, "wall_time_s": round(time.time() - started, 1)}
+    return trainer.best_velocity(), info
