@@ -88,6 +88,19 @@ def cmd_md(args):
     print(f"MD: {time.time() - t0:.0f} s; population 0<phi<2.5: {100 * pop.mean():.3f} %")
 
 
+def all_replicas(paths):
+    """Frames (nm) of every replica of every npz file and their temperatures (K); files without a
+    temperature ladder (plain MD) are at 300 K."""
+    xs, ts = [], []
+    for p in paths.split(","):
+        f = np.load(p)
+        temps = f["temps"] if "temps" in f.files else np.array([300.0])
+        for i, t in enumerate(temps):
+            xs.append(f["pos"][i].astype(np.float64))
+            ts.append(np.full(len(xs[-1]), float(t)))
+    return np.concatenate(xs, 0), np.concatenate(ts)
+
+
 def load_frames(paths, temperature_index=0):
     """Frames of one temperature index from each npz file that has it (nm)."""
     xs = []
@@ -103,7 +116,13 @@ def cmd_train(args):
     from openmm_flowpert.systems import alanine_dipeptide
 
     s = alanine_dipeptide()
-    x = load_frames(args.data)
+    x = np.concatenate([load_frames(args.data, int(i)) for i in args.replicas.split(",")], 0)
+    if args.replicas != "0":
+        print(f"training frames: {len(x)} from replicas {args.replicas} (300 K is 0)")
+    temps = None
+    if args.conditioned:  # every replica of every file, each frame with its temperature
+        x, temps = all_replicas(args.data)
+        print(f"temperature-conditioned: {len(x)} frames at {sorted(set(np.round(temps, 1).tolist()))} K")
     if args.basin_fraction > 0:
         # Cover the rare 0 < phi < 2.5 basin: repeat its frames (300 K and the next two replicas) until
         # they make up basin_fraction of the training set. Proposals then visit it often; the
@@ -113,9 +132,12 @@ def cmd_train(args):
         n_rep = int(args.basin_fraction * len(x) / max(len(extra), 1))
         if n_rep > 0:
             x = np.concatenate([x] + [extra] * n_rep, 0)
+            if temps is not None:  # the basin frames count as 300 K frames, as in the unconditioned recipe
+                temps = np.concatenate([temps, np.full(len(extra) * n_rep, 300.0)])
         print(f"training frames: {len(x)} ({100 * in_basin(x).mean():.1f} % in 0 < phi < 2.5)")
     if args.max_frames and len(x) > args.max_frames:
-        x = x[np.random.default_rng(args.seed).choice(len(x), args.max_frames, replace=False)]
+        pick = np.random.default_rng(args.seed).choice(len(x), args.max_frames, replace=False)
+        x, temps = x[pick], None if temps is None else temps[pick]
         print(f"training frames: {len(x)} (a random subset)")
     if args.init:  # maximum-likelihood fine-tuning of a trained flow on the same frames
         from openmm_flowpert.training.likelihood import fine_tune_likelihood
@@ -132,10 +154,30 @@ def cmd_train(args):
                          n_steps=args.steps, grid=args.grid, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                          ema=args.ema, patience=args.epochs, max_minutes=args.minutes, temperature=300.0,
                          seed=args.seed, energy=ReducedPotential(s.system, 300.0), progress=True,
-                         likelihood_minutes=args.likelihood_minutes, likelihood_lr=args.likelihood_lr)
+                         likelihood_minutes=args.likelihood_minutes, likelihood_lr=args.likelihood_lr,
+                         temperatures=temps)
     flow.metadata["recipe"] = " ".join(["python benchmarks/alanine.py"] + sys.argv[1:])
     flow.save(args.out)
     print(json.dumps(flow.metadata["training"], indent=1))
+
+
+def cmd_refine(args):
+    from openmm_flowpert.energies import ReducedPotential
+    from openmm_flowpert.systems import alanine_dipeptide
+    from openmm_flowpert.training.importance import refine_by_importance
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    s = alanine_dipeptide()
+    x = load_frames(args.data) if args.data_fraction > 0 else None
+    t0 = time.time()
+    flow = refine_by_importance(fp.PerturbedFlow.load(args.flow), ReducedPotential(s.system, 300.0), x,
+                                rounds=args.rounds, n_proposals=args.n_proposals, epochs=args.epochs, lr=args.lr,
+                                batch_size=args.batch, ema=args.ema, data_fraction=args.data_fraction,
+                                seed=args.seed, progress=False)
+    flow.metadata["recipe"] = (flow.metadata.get("recipe", "") + " && python benchmarks/alanine.py "
+                               + " ".join(sys.argv[1:]))
+    flow.save(args.out)
+    print(json.dumps({**flow.metadata["importance"], "wall_s": round(time.time() - t0, 1)}))
 
 
 def kish(log_w: np.ndarray) -> float:
@@ -228,7 +270,7 @@ def bootstrap_kish(log_w: np.ndarray, n_boot: int = 500, seed: int = 0) -> float
 
 
 def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int, seed: int,
-            x0_pool: np.ndarray, batch: int = 250) -> dict:
+            x0_pool: np.ndarray, batch: int = 250, prior_scale=None) -> dict:
     """The flow-quality figures of the ablation table (docs/benchmarks.md section 6).
 
     Kish ESS of ``n_exact`` proposals with exact log-dets (bootstrap SE), their median reduced energy
@@ -243,7 +285,7 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
     for b0 in range(0, n_exact, batch):
         nb = min(batch, n_exact - b0)
         w = noise.gaussian(nb, flow.dim)
-        x, lq = flow.evaluate(w, torch.zeros(nb, 0, flow.dim), estimator="jacobian")
+        x, lq = flow.evaluate(w, torch.zeros(nb, 0, flow.dim), estimator="jacobian", prior_scale=prior_scale)
         u = rp(x)
         us.append(u)
         lw.append(-u - lq.numpy())
@@ -255,7 +297,7 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
     t0 = time.time()
     nll = []
     for b0 in range(0, len(heldout), batch):
-        r = flow.refresh(heldout[b0:b0 + batch], noise, estimator="jacobian")
+        r = flow.refresh(heldout[b0:b0 + batch], noise, estimator="jacobian", prior_scale=prior_scale)
         nll.append(-r.log_q.numpy())
     nll = np.concatenate(nll)
     okn = np.isfinite(nll)
@@ -264,7 +306,8 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
     rng = np.random.default_rng(seed)
     x0 = x0_pool[rng.choice(len(x0_pool), chains, replace=False)]
     t0 = time.time()
-    res = fp.run_metropolis(flow, rp, chains, iters, estimator="fp++", x0=x0, seed=seed + 1, store_positions=False)
+    res = fp.run_metropolis(flow, rp, chains, iters, estimator="fp++", x0=x0, seed=seed + 1, store_positions=False,
+                            prior_scale=prior_scale)
     out.update({"acceptance_fpp": float(res.acceptance), "time_mc_s": time.time() - t0})
     return out
 
@@ -275,13 +318,16 @@ def cmd_quality(args):
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = alanine_dipeptide()
-    rp = ReducedPotential(s.system, 300.0)
-    flow = fp.PerturbedFlow.load(args.flow)
-    held = load_frames(args.heldout)
+    temperature = float(np.load(args.heldout.split(",")[0])["temps"][args.replica])
+    rp = ReducedPotential(s.system, temperature)
+    flow = fp.PerturbedFlow.load(args.flow).at_temperature(temperature)  # (conditioned flows only)
+    held = load_frames(args.heldout, args.replica)
     held = held[:: max(1, len(held) // args.n_heldout)][: args.n_heldout]
     out = {"flow": args.flow, "label": args.label, "training": flow.metadata.get("training"),
-           "recipe": flow.metadata.get("recipe"), "n_steps": flow.n_steps}
-    out.update(quality(flow, rp, held, args.n_exact, args.chains, args.iters, args.seed, held))
+           "recipe": flow.metadata.get("recipe"), "n_steps": flow.n_steps, "temperature": temperature}
+    out.update(quality(flow, rp, held, args.n_exact, args.chains, args.iters, args.seed, held,
+                       prior_scale=args.prior_scale))
+    out["prior_scale"] = args.prior_scale
     print(json.dumps(out), flush=True)
     if args.json:
         with open(args.json, "a") as fh:
@@ -320,8 +366,24 @@ def main():
     t.add_argument("--ema", type=float, default=0.999)
     t.add_argument("--minutes", type=float, default=40.0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--replicas", default="0",
+                   help="replica indices whose frames make the training set, comma-separated (0: 300 K, 1: 331 K, ...)")
+    t.add_argument("--conditioned", action="store_true",
+                   help="one temperature-conditioned flow on every replica's frames (T0 = 300 K)")
     t.add_argument("--basin-fraction", type=float, default=0.0,
                    help="repeat frames with 0 < phi < 2.5 until they are this fraction of the training set")
+    r = sub.add_parser("refine", help="importance-weighted refinement of a trained flow (its W-resampled proposals)")
+    r.add_argument("--flow", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--data", default="", help="npz file(s) whose 300 K frames are mixed in (--data-fraction)")
+    r.add_argument("--data-fraction", type=float, default=0.5)
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--n-proposals", type=int, default=8192)
+    r.add_argument("--epochs", type=int, default=20)
+    r.add_argument("--lr", type=float, default=2e-4)
+    r.add_argument("--batch", type=int, default=512)
+    r.add_argument("--ema", type=float, default=0.99)
+    r.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("measure")
     m.add_argument("--data", required=True)
     m.add_argument("--flow", required=True)
@@ -342,9 +404,13 @@ def main():
     q.add_argument("--chains", type=int, default=32)
     q.add_argument("--iters", type=int, default=30)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--prior-scale", type=float, default=None, help="latent prior scale (default: the flow's)")
+    q.add_argument("--replica", type=int, default=0,
+                   help="measure at this replica's temperature (its held-out frames, its energies; the flow at "
+                        "that temperature if it is temperature-conditioned)")
     q.add_argument("--json", help="append the result as one JSON line")
     args = p.parse_args()
-    {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure,
+    {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,
      "quality": cmd_quality}[args.cmd](args)
 
 

@@ -12,7 +12,8 @@ ladder (no communication), so the comparison favours the peer. Samplers:
 - ``flow``: the same move with one MD step between applies (flow moves alone, independence proposals);
 - ``is``: importance sampling with the flow's FP++ weights (batches of 256 proposals), the upper
   bound of what the flow gives;
-- ``re-flow``: replica exchange with the flow move in every replica (``prior_scale="sqrt(T/T0)"``).
+- ``re-flow``: replica exchange with the flow move in every replica (``prior_scale="sqrt(T/T0)"``;
+  a temperature-conditioned flow, ``--ladder-flow``, is used at each replica's temperature).
 
 Observables at 300 K: the population of 0 < phi < 2.5 rad and the mean reduced energy (kT). For a
 time series, effective samples = n / g (g: pymbar's statistical inefficiency; a series that never
@@ -21,6 +22,7 @@ Errors: within a run from g, across runs and seeds from their spread. The popula
 1.06 +- 0.28 % (docs/benchmarks.md section 6).
 
 usage: python benchmarks/vs_replica_exchange.py [--seconds 60] [--seeds 1] [--samplers re,md,hybrid,...]
+       [--flow FILE] [--ladder-flow FILE]
        (short mode: the defaults, a few minutes; full mode: --seconds 300 --seeds 3)
 """
 import argparse
@@ -107,9 +109,10 @@ def _run_is(ms, flow_path, seed, seconds) -> dict:
 
 
 def run_one(task) -> dict:
-    """One run of one sampler (in its own process): task = (sampler, seed, seconds)."""
-    sampler, seed, seconds = task
+    """One run of one sampler (in its own process): task = (sampler, seed, seconds, flow file or None)."""
+    sampler, seed, seconds, flow_file = task
     ms, flow_path = _setup()
+    flow_path = flow_file or flow_path
     if sampler in ("re", "re-flow"):
         out = _run_re(ms, flow_path, seed, seconds, sampler == "re-flow")
     elif sampler == "is":
@@ -138,12 +141,16 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="wall time of each run (default 60; full: 300)")
     p.add_argument("--seeds", type=int, default=1, help="independent repetitions of each pair (full: 3)")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--flow", default=None, help="flow file of the flow samplers (default: the bundled flow)")
+    p.add_argument("--ladder-flow", default=None,
+                   help="flow file of re-flow (default: --flow), e.g. a temperature-conditioned flow")
     args = p.parse_args()
     samplers = [s for s in args.samplers.split(",") if s]
     rows = {}
     with ProcessPoolExecutor(max_workers=2) as pool:
         for s in samplers:
-            tasks = [(s, 1000 * rep + i, args.seconds) for rep in range(args.seeds) for i in range(2)]
+            flow_file = (args.ladder_flow or args.flow) if s == "re-flow" else args.flow
+            tasks = [(s, 1000 * rep + i, args.seconds, flow_file) for rep in range(args.seeds) for i in range(2)]
             rows[s] = list(pool.map(run_one, tasks))
             print(f"{s}: done ({len(tasks)} runs)", flush=True)
     print(f"\nalanine dipeptide, vacuum, 300 K; {args.seconds:.0f} s per run, 2 runs at once on 2 cores, "

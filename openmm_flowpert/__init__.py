@@ -18,7 +18,7 @@ from . import noise, testsystems  # noqa: E402
 from .noise import Noise  # noqa: E402
 from .perturbed_flow import FlowFileError, PerturbedFlow, Proposal  # noqa: E402
 from .samplers import FlowPerturbationSMC, LatentMC, MetropolisResult, run_metropolis  # noqa: E402
-from .training import train_flow  # noqa: E402
+from .training import refine_by_importance, train_flow  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,4 +32,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'openmm_flowpert' has no attribute {name!r}")
 
 __all__ = ["FlowPerturbationMove", "Noise", "PerturbedFlow", "Proposal", "FlowFileError", "train_flow",
-           "run_metropolis", "MetropolisResult", "LatentMC", "FlowPerturbationSMC", "noise", "testsystems"]
+           "refine_by_importance", "run_metropolis", "MetropolisResult", "LatentMC", "FlowPerturbationSMC", "noise",
+           "testsystems"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -17,7 +18,7 @@ from . import noise as _noise
 from ._files import atomic_write
 from .estimators import ESTIMATORS, PerturbedFlowModule
 from .flow import (CNF, frame_rotation, guess_velocity_config, haar_rotations, identity_transform,
-                   transform_from_state, velocity_config, velocity_from_state)
+                   transform_from_state, velocity_config, velocity_from_state, with_condition)
 from .flow.metadata import FORMAT, FORMAT_VERSION, FlowMetadata
 
 __all__ = ["PerturbedFlow", "Proposal", "FlowFileError", "FlowMetadata", "file_checksum"]
@@ -122,6 +123,7 @@ class PerturbedFlow:
         self.metadata = dict(metadata)
         self.path = path  #: the file this flow was loaded from or last saved to
         self.device = torch.device("cpu")  #: where the network runs (see :meth:`to`)
+        self._at: dict = {}  # at_temperature's compiled flows, by temperature
 
     def to(self, device) -> "PerturbedFlow":
         """Run the network on a torch ``device`` (``"cuda"``, ``"cpu"``); returns self.
@@ -134,6 +136,8 @@ class PerturbedFlow:
         """
         self.device = torch.device(device)
         self.module = self.module.to(self.device)
+        for flow in self._at.values():
+            flow.to(self.device)
         return self
 
     def _call(self, method: str, *args):
@@ -207,7 +211,7 @@ class PerturbedFlow:
         try:
             spec = self.info.velocity or guess_velocity_config(vel_sd)
             velocity = velocity_from_state(spec, vel_sd).double()
-            velocity.load_state_dict(vel_sd)  # again in float64: no weight passes through float32
+            velocity.load_state_dict(with_condition(vel_sd, velocity.n_cond))  # float64: no weight via float32
         except (KeyError, RuntimeError) as exc:
             raise ValueError("this flow's velocity field is not a VelocityMLP, so it cannot be re-compiled "
                              "from its file; build it again from its Python module with "
@@ -231,6 +235,40 @@ class PerturbedFlow:
         for key in ("inverse_memory", "code", "velocity", "transform", "n_steps", "times"):  # recorded anew
             meta[key] = new.metadata[key]
         return PerturbedFlow(new.module, meta).to(self.device)
+
+    @property
+    def conditioned(self) -> bool:
+        """True for a temperature-conditioned flow (one file for every temperature: :meth:`at_temperature`)."""
+        return bool(self.metadata.get("condition"))
+
+    def at_temperature(self, temperature) -> "PerturbedFlow":
+        """This flow at ``temperature`` (K, a number or an OpenMM quantity).
+
+        A temperature-conditioned flow (``train_flow(..., temperatures=...)``) is one velocity field
+        v(t, y; log(T / T0)) for a range of temperatures; this returns the ordinary flow of that
+        field at T (compiled once per temperature and cached; ``metadata["temperature"]`` is T). Its
+        density is an ordinary discrete flow's, so proposals at any T are weighed and accepted
+        exactly. An unconditioned flow is returned as it is (the same proposals at every
+        temperature).
+        """
+        if hasattr(temperature, "value_in_unit"):
+            from openmm import unit
+
+            temperature = temperature.value_in_unit(unit.kelvin)
+        T = float(temperature)
+        if not (math.isfinite(T) and T > 0):
+            raise ValueError(f"temperature must be a positive number of kelvin, got {temperature}")
+        cond = self.metadata.get("condition")
+        if not cond or self.metadata.get("temperature") == T:
+            return self
+        key = round(T, 9)
+        if key not in self._at:
+            velocity, _ = self.parts()
+            velocity.cond.fill_(math.log(T / float(cond["reference_temperature"])))
+            flow = self.rebuilt(velocity)
+            flow.metadata["temperature"] = T
+            self._at[key] = flow
+        return self._at[key]
 
     @property
     def info(self) -> FlowMetadata:

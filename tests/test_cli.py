@@ -59,6 +59,12 @@ def test_cli_simulate_train_sample(tmp_path, capsys):
     assert flow.coordinates == "internal-cdf" and flow.n_atoms == 22   # the default for molecules
     assert "proposal_median_energy" in flow.metadata["training"]
     assert not os.path.exists(str(flow_file) + ".ckpt")
+    # one temperature-conditioned flow from two files (here the same frames, labelled 300 and 330 K)
+    cond_file = tmp_path / "cond.pt"
+    assert main(["train", "--data", str(data), str(data), "--data-temperatures", "300", "330", "--out",
+                 str(cond_file), "--epochs", "2", "--hidden", "16", "--layers", "1", "--steps", "4"]) == 0
+    cond = fp.PerturbedFlow.load(str(cond_file))
+    assert cond.metadata["condition"]["range"] == [300.0, 330.0] and cond.metadata["temperature"] == 300.0
 
     out = tmp_path / "run"
     assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(out),

@@ -114,7 +114,7 @@ def test_registered_transforms_rebuild_from_spec(chain, chain_x, coordinates):
 def test_flow_records_sizes_transform_and_backend(chain, chain_x):
     flow = fp.train_flow(chain_x, topology=chain.topology, n_freq=3, **SMALL)
     m = flow.info
-    assert m.velocity == {"kind": "VelocityMLP", "dim": 9, "hidden": 16, "n_layers": 2, "n_freq": 3}
+    assert m.velocity == {"kind": "VelocityMLP", "dim": 9, "hidden": 16, "n_layers": 2, "n_freq": 3, "n_cond": 0}
     assert m.transform == {"name": "internal-cdf", "config": {"n_atoms": 5}}   # the default for molecules
     assert m.noise_backend == fp.noise.backend() and m.training["epochs"] == 2
     assert FlowMetadata.from_json(m.to_json()) == m and m.to_json() == flow.metadata

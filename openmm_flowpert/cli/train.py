@@ -55,7 +55,12 @@ def add_parser(sub) -> None:
     add_system_arguments(p)
     p.add_argument("--no-validate", action="store_true", help="skip the proposal-energy validation")
     p.add_argument("--temperature", type=_args.positive_float, default=300.0,
-                   help="K of the training data (for validation)")
+                   help="K of the training data (for validation); with --data-temperatures the reference "
+                        "temperature T0 at which the flow file is")
+    p.add_argument("--data-temperatures", type=_args.positive_float, nargs="+", default=None, metavar="K",
+                   help="temperature (K) of each --data file, one per file (e.g. the replicas of a replica-exchange "
+                        "run): trains one temperature-conditioned flow on all of them, which FlowPerturbationMove "
+                        "uses at each thermodynamic state's temperature")
     p.add_argument("--coordinates", default="internal-cdf", choices=sorted(TRANSFORMS),
                    help="the flow's fixed transform: internal coordinates from the topology's bonds with each "
                         "torsion mapped to the line by its own data marginal (internal-cdf), the same with a tanh "
@@ -80,6 +85,9 @@ def check(args) -> dict:
         _args.input_file(path, "--data")
         if os.path.abspath(path) == os.path.abspath(args.out):
             raise _args.InputError(f"--out {args.out!r} is also a --data file; choose another --out")
+    if args.data_temperatures is not None and len(args.data_temperatures) != len(args.data):
+        raise _args.InputError(f"--data-temperatures gives {len(args.data_temperatures)} temperature(s) for "
+                               f"{len(args.data)} --data file(s); give one temperature (K) per file")
     if args.top is not None:
         _args.input_file(args.top, "--top")
     if not args.no_validate and args.system:
@@ -117,7 +125,8 @@ def _check_checkpoint(ckpt: str, hyper: dict) -> None:
 
 
 def read_data(args):
-    """The frames of every --data file (positions in nm) and their topology (raises InputError)."""
+    """The frames of every --data file (positions in nm), their topology and, with
+    --data-temperatures, each frame's temperature (K; else None). Raises InputError."""
     import numpy as np
 
     from ._io import read_trajectory
@@ -134,7 +143,10 @@ def read_data(args):
     if len(x) - n_val < 1:
         raise _args.InputError(f"{len(x)} frame(s) after --stride {args.stride} leave none for training (validation "
                                f"takes {n_val}); give more data or a smaller --stride")
-    return x, top
+    temps = None
+    if getattr(args, "data_temperatures", None):
+        temps = np.concatenate([np.full(len(f), t) for f, t in zip(frames, args.data_temperatures)])
+    return x, top, temps
 
 
 def run(args) -> int:
@@ -145,7 +157,7 @@ def run(args) -> int:
     ms = None
     if not args.no_validate and args.system:
         ms = _args.load_system(args.system, args.forcefield)
-    x, top = read_data(args)
+    x, top, temps = read_data(args)
     print(f"{len(x)} frames of {top.n_atoms} atoms")
     if ms is not None:
         from ..energies import ReducedPotential
@@ -163,7 +175,8 @@ def run(args) -> int:
     with _args.created_folders(os.path.dirname(args.out)):
         with _args.restart_hint([ckpt], _RESTART):
             flow = fp.train_flow(x, topology=top.to_openmm(), coordinates=args.coordinates,
-                                 temperature=args.temperature, energy=energy, checkpoint=ckpt, progress=True,
+                                 temperature=args.temperature, temperatures=temps, energy=energy,
+                                 checkpoint=ckpt, progress=True,
                                  device=args.device, **hyper)
         flow.save(args.out)
     if os.path.exists(ckpt):

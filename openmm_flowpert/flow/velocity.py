@@ -9,10 +9,15 @@ from torch import nn
 
 
 class VelocityMLP(nn.Module):
-    """MLP velocity field with a Fourier time embedding.
+    """MLP velocity field with a Fourier time embedding, optionally conditioned.
 
-    v(t, y) = MLP([y, t, sin(2^j pi t), cos(2^j pi t)]_{j < n_freq}); the time part of the first
-    layer is a separate bias so that one time value is embedded once per batch.
+    v(t, y; c) = MLP([y, t, sin(2^j pi t), cos(2^j pi t), c]_{j < n_freq}); the time (and
+    condition) part of the first layer is a separate bias so that one time value is embedded once
+    per batch. ``c`` is a vector of ``n_cond`` conditioning features (e.g. log(T / T0) of a
+    temperature-conditioned flow); the compiled flow uses the buffer ``cond`` (1, n_cond), which
+    fixes the condition of one flow (:meth:`PerturbedFlow.at_temperature
+    <openmm_flowpert.PerturbedFlow.at_temperature>` sets it), while training passes a condition per
+    sample to :meth:`forward_cond`.
 
     Parameters
     ----------
@@ -24,25 +29,33 @@ class VelocityMLP(nn.Module):
         Number of hidden layers (>= 1).
     n_freq : int
         Number of Fourier frequencies of the time embedding.
+    n_cond : int
+        Number of conditioning features (0: an unconditioned field).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4):
+    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4, n_cond: int = 0):
         super().__init__()
-        if dim < 1 or hidden < 1 or n_layers < 1:
-            raise ValueError("dim, hidden and n_layers must be positive")
+        if dim < 1 or hidden < 1 or n_layers < 1 or n_cond < 0:
+            raise ValueError("dim, hidden and n_layers must be positive and n_cond >= 0")
         self.dim = dim
-        self.width, self.n_layers, self.n_freq = int(hidden), int(n_layers), int(n_freq)
+        self.width, self.n_layers, self.n_freq, self.n_cond = int(hidden), int(n_layers), int(n_freq), int(n_cond)
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32))
+        self.register_buffer("cond", torch.zeros(1, self.n_cond))
         self.inp = nn.Linear(dim, hidden)
-        self.time_inp = nn.Linear(1 + 2 * n_freq, hidden, bias=False)
+        self.time_inp = nn.Linear(1 + 2 * n_freq + self.n_cond, hidden, bias=False)
         self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(n_layers - 1)])
         self.out = nn.Linear(hidden, dim)
         self.act = nn.SiLU()
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``t``: shape (1, 1) or (B, 1); ``y``: shape (B, D). Returns v with shape (B, D)."""
+        """``t``: shape (1, 1) or (B, 1); ``y``: shape (B, D). Returns v with shape (B, D) at the
+        condition of the buffer ``cond``."""
+        return self.forward_cond(t, y, self.cond)
+
+    def forward_cond(self, t: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """v(t, y; c) with ``c`` of shape (1 or t's rows, n_cond)."""
         tf = t * self.freqs
-        feats = torch.cat([t, torch.sin(tf), torch.cos(tf)], dim=-1)
+        feats = torch.cat([t, torch.sin(tf), torch.cos(tf), c.to(t.dtype).expand(t.shape[0], self.n_cond)], dim=-1)
         h = self.act(self.inp(y) + self.time_inp(feats))
         for layer in self.hidden:
             h = self.act(layer(h))
@@ -50,9 +63,10 @@ class VelocityMLP(nn.Module):
 
     # -- Python only: the sizes a flow file records (``metadata["velocity"]``) --------------------
     def config(self) -> Dict[str, Any]:
-        """``{"kind", "dim", "hidden", "n_layers", "n_freq"}``: rebuilds it with :func:`velocity_from_state`."""
+        """``{"kind", "dim", "hidden", "n_layers", "n_freq", "n_cond"}``: rebuilds it with
+        :func:`velocity_from_state`."""
         return {"kind": "VelocityMLP", "dim": int(self.dim), "hidden": self.width, "n_layers": self.n_layers,
-                "n_freq": self.n_freq}
+                "n_freq": self.n_freq, "n_cond": self.n_cond}
 
 
 def velocity_config(velocity: nn.Module) -> Optional[Dict[str, Any]]:
@@ -65,8 +79,9 @@ def guess_velocity_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     recorded). Raises KeyError when the weights are not a VelocityMLP's."""
     hidden, dim = state["inp.weight"].shape
     n_hidden = len([k for k in state if k.startswith("hidden.") and k.endswith(".weight")])
+    n_freq = int(state["freqs"].numel())
     return {"kind": "VelocityMLP", "dim": int(dim), "hidden": int(hidden), "n_layers": n_hidden + 1,
-            "n_freq": int(state["freqs"].numel())}
+            "n_freq": n_freq, "n_cond": int(state["time_inp.weight"].shape[1]) - 1 - 2 * n_freq}
 
 
 def velocity_from_state(config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> VelocityMLP:
@@ -74,6 +89,14 @@ def velocity_from_state(config: Dict[str, Any], state: Dict[str, torch.Tensor]) 
     if config.get("kind") != "VelocityMLP":
         raise KeyError(f"velocity kind {config.get('kind')!r}")
     velocity = VelocityMLP(int(config["dim"]), hidden=int(config["hidden"]), n_layers=int(config["n_layers"]),
-                           n_freq=int(config["n_freq"]))
-    velocity.load_state_dict(state)
+                           n_freq=int(config["n_freq"]), n_cond=int(config.get("n_cond", 0)))
+    velocity.load_state_dict(with_condition(state, velocity.n_cond))
     return velocity
+
+
+def with_condition(state: Dict[str, torch.Tensor], n_cond: int = 0) -> Dict[str, torch.Tensor]:
+    """A VelocityMLP state dict with the ``cond`` buffer (files written before conditioning
+    existed lack it: they are unconditioned, n_cond = 0)."""
+    if "cond" in state:
+        return state
+    return {**state, "cond": torch.zeros(1, n_cond, dtype=state["freqs"].dtype)}

@@ -100,7 +100,10 @@ class FlowPerturbationMove(mcmc.MCMCMove):
     ----------
     flow : PerturbedFlow or str
         The flow, or the path of a flow file. A flow object must have been saved or loaded (it
-        is serialized by path and SHA-256 checksum, and loaded once per process).
+        is serialized by path and SHA-256 checksum, and loaded once per process). A
+        temperature-conditioned flow (``train_flow(..., temperatures=...)``) is used at the
+        temperature of each thermodynamic state (:meth:`PerturbedFlow.at_temperature`), so one file
+        serves every replica of a temperature ladder.
     n_proposals : int, default 16
         Candidates per ``apply``: one batch for independence proposals (energies evaluated
         together), a sequential chain for latent-local proposals.
@@ -121,7 +124,8 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         positions to the latent space is always exact.
     prior_scale : float, "sqrt(T/T0)", callable or None
         Latent prior scale s per thermodynamic state: None uses the flow's; a number; the string
-        ``"sqrt(T/T0)"`` scales the flow's s by sqrt(T / T0), T0 the flow's training temperature;
+        ``"sqrt(T/T0)"`` scales the flow's s by sqrt(T / T0), T0 the flow's training temperature
+        (1 for a temperature-conditioned flow, which is at T already);
         or a callable of the temperature in K. Exact for any choice, since p_Z enters W.
     platform : str, optional
         OpenMM platform for the proposal energies (default: CUDA, OpenCL, CPU, Reference).
@@ -192,6 +196,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             self._flow = load_flow_cached(flow, device=self.device)
             self.flow_path = self._flow.path
             self.flow_checksum = file_checksum(self.flow_path)
+        self._active = self._flow  # the flow of the state being moved (at_temperature of a conditioned flow)
         if proposal not in ("independent", "latent"):
             raise ValueError(f"proposal must be 'independent' or 'latent', got {proposal!r}")
         estimator = estimator or ("fp++" if proposal == "independent" else "fp")
@@ -264,12 +269,12 @@ class FlowPerturbationMove(mcmc.MCMCMove):
 
     # -- helpers -----------------------------------------------------------------------------------
     def _scale(self, temperature_K: float) -> float:
-        base = self._flow.prior_scale
+        base = self._active.prior_scale
         ps = self.prior_scale
         if ps is None:
             return base
         if isinstance(ps, str):
-            t0 = self._flow.metadata.get("temperature")
+            t0 = self._active.metadata.get("temperature")
             if not t0:
                 raise ValueError("prior_scale='sqrt(T/T0)' needs the flow's training temperature T0; train the "
                                  "flow with temperature=... or give prior_scale as a number or callable")
@@ -323,6 +328,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         x = np.asarray(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
         rp = self._prepare(thermodynamic_state, x)
         temperature = thermodynamic_state.temperature.value_in_unit(unit.kelvin)
+        self._active = self._flow.at_temperature(temperature)  # a temperature-conditioned flow's flow at T
         noise = self._noise(x)
         kw = dict(estimator=self.estimator, exact_inverse=self.exact_inverse, prior_scale=self._scale(temperature))
 
@@ -347,7 +353,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
 
     def _current_state(self, x: np.ndarray, energy, noise: Noise, kw: dict, clock: _Clock) -> ChainState:
         """The chain at the current positions x (N, 3) nm, its auxiliary directions from rho(u | x)."""
-        shape_in = (1, -1) if self._flow.n_atoms == 0 else (1,) + x.shape
+        shape_in = (1, -1) if self._active.n_atoms == 0 else (1,) + x.shape
         cur = self._refresh_auxiliary(torch.from_numpy(x).reshape(shape_in), noise, kw)
         clock.lap("refresh")
         xt = torch.from_numpy(x)[None]
@@ -359,7 +365,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         """Run the chain from ``state`` (updated in place) over ``n_proposals`` proposals; True if
         any was accepted."""
         x0 = state.x
-        centre = torch.from_numpy(x0[0].numpy().mean(0) if self._flow.remove_com else np.zeros(3))
+        centre = torch.from_numpy(x0[0].numpy().mean(0) if self._active.remove_com else np.zeros(3))
 
         def place(xp: torch.Tensor) -> torch.Tensor:  # flow output -> positions of this system (nm)
             return xp.reshape(-1, *x0.shape[1:]) + centre
@@ -367,7 +373,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         s = kw["prior_scale"]
         n_accepted = 0
         if self.proposal == "independent":
-            prop = self._flow.propose(self.n_proposals, noise, reference=x0, **kw)
+            prop = self._active.propose(self.n_proposals, noise, reference=x0, **kw)
             clock.lap("proposals")
             xs = place(prop.x)
             lw_new = log_weights(reduced_energies(energy, xs), prop.log_q)
@@ -391,7 +397,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                 return ok
 
             for _ in range(self.n_proposals):
-                acc, lw_new = latent_step(self._flow, energy, state, noise, 1.0, self.k, self.k_eps, place=place,
+                acc, lw_new = latent_step(self._active, energy, state, noise, 1.0, self.k, self.k_eps, place=place,
                                           in_domain=in_domain if self.domain_check else None, **kw)
                 clock.lap("proposals")
                 self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
@@ -405,15 +411,15 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         latent point z = s P w that produced it (a different preimage means a step that is not
         one-to-one there). Tested only for proposals about to be accepted, so the move never
         enters a state its refresh could not weigh (docs/algorithm.md section 4.8)."""
-        z = self._flow.latent(w, prior_scale)
-        back = self._flow.inverse(x.reshape(x.shape[0], -1) if self._flow.n_atoms == 0 else x)
+        z = self._active.latent(w, prior_scale)
+        back = self._active.inverse(x.reshape(x.shape[0], -1) if self._active.n_atoms == 0 else x)
         tol = DOMAIN_RTOL * (1.0 + z.abs().amax(1))
         return torch.isfinite(back).all(1) & ((back - z).abs().amax(1) <= tol)
 
     def _refresh_auxiliary(self, x: torch.Tensor, noise: Noise, kw: dict):
         """The Gibbs refresh of the auxiliary directions given x, u ~ rho(u | x) (never uniform:
         redrawing u uniformly after an x-move biases the sampler)."""
-        return self._flow.refresh(x, noise, **kw)
+        return self._active.refresh(x, noise, **kw)
 
     def _write_back(self, thermodynamic_state, sampler_state, context_cache, x: np.ndarray, accepted_any: bool,
                     noise: Noise) -> None:
@@ -460,6 +466,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
     def __setstate__(self, state: dict) -> None:
         self.device = state.get("device")
         self._flow = load_flow_cached(state["flow_path"], state.get("flow_checksum"), self.device)
+        self._active = self._flow
         self.flow_path = state["flow_path"]
         self.flow_checksum = state.get("flow_checksum")
         for name in ("n_proposals", "estimator", "proposal", "k", "k_eps", "exact_inverse", "prior_scale",

@@ -1,9 +1,11 @@
-"""Training flows by flow matching on sample arrays: :func:`train_flow` and its parts."""
+"""Training flows by flow matching on sample arrays: :func:`train_flow` and its parts, and
+:func:`refine_by_importance` (continued training on the flow's own proposals resampled by W)."""
 from .config import DEFAULTS, TrainingConfig
 from .data import TrainingData, prepare_data
 from .flow_matching import train_flow
+from .importance import refine_by_importance
 from .trainer import FlowTrainer, load_checkpoint, save_checkpoint
 from .validation import energy_validation
 
-__all__ = ["train_flow", "TrainingConfig", "DEFAULTS", "TrainingData", "prepare_data", "FlowTrainer",
-           "save_checkpoint", "load_checkpoint", "energy_validation"]
+__all__ = ["train_flow", "refine_by_importance", "TrainingConfig", "DEFAULTS", "TrainingData", "prepare_data",
+           "FlowTrainer", "save_checkpoint", "load_checkpoint", "energy_validation"]

@@ -16,7 +16,7 @@ import torch
 from ..flow import FixedTransform, get_transform
 from ..noise import project_mean_free
 
-__all__ = ["TrainingData", "prepare_data", "as_samples", "split"]
+__all__ = ["TrainingData", "prepare_data", "as_samples", "split", "temperature_features"]
 
 
 @dataclass
@@ -37,6 +37,8 @@ class TrainingData:
         Particles over which the CNF is mean-free (0: plain).
     y_train, y_val : Tensor, float32
         Training and validation samples in the CNF's coordinates (on the training device).
+    c_train, c_val : Tensor (n, n_cond), float32, optional
+        Conditioning features of those samples (log(T / T0) of a temperature-conditioned flow).
     """
 
     x: torch.Tensor
@@ -46,11 +48,18 @@ class TrainingData:
     n_particles: int
     y_train: torch.Tensor
     y_val: torch.Tensor
+    c_train: Optional[torch.Tensor] = None
+    c_val: Optional[torch.Tensor] = None
 
     @property
     def dim(self) -> int:
         """Coordinates D of the CNF."""
         return int(self.y_train.shape[1])
+
+    @property
+    def n_cond(self) -> int:
+        """Conditioning features per sample (0: an unconditioned flow)."""
+        return 0 if self.c_train is None else int(self.c_train.shape[1])
 
 
 def as_samples(samples, remove_com: Optional[bool]):
@@ -78,20 +87,36 @@ def as_samples(samples, remove_com: Optional[bool]):
     return x, n_atoms, remove_com
 
 
-def split(y: torch.Tensor, validation_fraction: float, generator: torch.Generator, device: torch.device):
-    """(training, validation) rows of y in a seeded random order, moved to ``device``."""
+def split(y: torch.Tensor, validation_fraction: float, generator: torch.Generator, device: torch.device,
+          c: Optional[torch.Tensor] = None):
+    """(training, validation) rows of y in a seeded random order, moved to ``device``; with ``c``
+    (rows of y's conditions), (y_train, y_val, c_train, c_val) split alike."""
     perm = torch.randperm(y.shape[0], generator=generator)
     n_val = max(1, int(round(validation_fraction * y.shape[0]))) if validation_fraction > 0 else 0
-    return y[perm[n_val:]].to(device), y[perm[:n_val]].to(device)
+    if c is None:
+        return y[perm[n_val:]].to(device), y[perm[:n_val]].to(device)
+    return (y[perm[n_val:]].to(device), y[perm[:n_val]].to(device), c[perm[n_val:]].to(device),
+            c[perm[:n_val]].to(device))
+
+
+def temperature_features(temperatures, reference: float, n: int) -> torch.Tensor:
+    """log(T / T0) of per-sample temperatures (K), shape (n, 1) float32, checked."""
+    t = torch.as_tensor(np.asarray(temperatures, dtype=np.float64)).reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"temperatures must give one temperature (K) per sample: {t.numel()} for {n} samples")
+    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()) or not reference > 0:
+        raise ValueError("temperatures must be positive numbers of kelvin (and the reference temperature too)")
+    return torch.log(t / float(reference)).float().reshape(n, 1)
 
 
 def prepare_data(samples, *, coordinates: str, topology=None, remove_com: Optional[bool] = None,
                  validation_fraction: float, generator: torch.Generator,
-                 device: torch.device = torch.device("cpu")) -> TrainingData:
+                 device: torch.device = torch.device("cpu"), conditions: Optional[torch.Tensor] = None) -> TrainingData:
     """Samples -> :class:`TrainingData` for the transform registered as ``coordinates``.
 
     The split draws from ``generator`` (the training continues on it). Transforms marked
-    ``molecular`` need (n, N >= 3, 3) samples and work on mean-free positions.
+    ``molecular`` need (n, N >= 3, 3) samples and work on mean-free positions. ``conditions``
+    (n, n_cond): per-sample conditioning features, split with the samples.
     """
     kind = get_transform(coordinates)
     x, n_atoms, remove_com = as_samples(samples, True if kind.molecular else remove_com)
@@ -104,5 +129,8 @@ def prepare_data(samples, *, coordinates: str, topology=None, remove_com: Option
     keep = torch.isfinite(y).all(1)
     if int(keep.sum()) < 10:
         raise ValueError(f"fewer than 10 samples have valid {coordinates} coordinates (collinear atoms?)")
-    y_train, y_val = split(y[keep].float(), validation_fraction, generator, device)
-    return TrainingData(x, n_atoms, bool(remove_com), transform, transform.cnf_particles(), y_train, y_val)
+    if conditions is None:
+        y_train, y_val = split(y[keep].float(), validation_fraction, generator, device)
+        return TrainingData(x, n_atoms, bool(remove_com), transform, transform.cnf_particles(), y_train, y_val)
+    parts = split(y[keep].float(), validation_fraction, generator, device, c=conditions[keep].float())
+    return TrainingData(x, n_atoms, bool(remove_com), transform, transform.cnf_particles(), *parts)

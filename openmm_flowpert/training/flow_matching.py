@@ -19,16 +19,18 @@ targets, per-coordinate standardization.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..flow import time_grid
 from ..perturbed_flow import PerturbedFlow
 from .config import DEFAULTS, TrainingConfig
-from .data import prepare_data
+from .data import prepare_data, temperature_features
 from .likelihood import LikelihoodTrainer
 from .trainer import FlowTrainer, load_checkpoint
 from .validation import energy_validation
@@ -46,7 +48,7 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, rem
                patience: Optional[int] = _D.patience, minutes: Optional[float] = _D.minutes,
                likelihood_minutes: float = _D.likelihood_minutes, likelihood_lr: float = _D.likelihood_lr,
                prior_scale: float = _D.prior_scale, seed: int = _D.seed, temperature: Optional[float] = None,
-               energy: Optional[Callable] = None, n_validation_proposals: int = 256,
+               temperatures=None, energy: Optional[Callable] = None, n_validation_proposals: int = 256,
                checkpoint: Optional[str] = None, checkpoint_every: int = 10, device: str = "cpu",
                mixed_precision: bool = False, progress: bool = True,
                max_minutes: Optional[float] = None) -> PerturbedFlow:
@@ -72,11 +74,20 @@ validation_fraction, patience, minutes, likelihood_minutes, likelihood_lr, prior
         Hyperparameters, described (with their defaults, shared with ``flowpert train``) in
         :class:`~openmm_flowpert.training.TrainingConfig`. Equal seeds give equal flows.
     temperature : float, optional
-        Temperature (K) of the training data, stored as metadata.
+        Temperature (K) of the training data, stored as metadata; for a temperature-conditioned
+        flow the reference temperature T0 (default: the lowest of ``temperatures``), at which the
+        returned flow is.
+    temperatures : array (n_samples,), optional
+        Temperature (K) of each sample (e.g. all replicas of a replica-exchange run). The flow is
+        then **temperature-conditioned**: one velocity field v(t, y; log(T / T0)) trained on all
+        samples, and :meth:`PerturbedFlow.at_temperature <openmm_flowpert.PerturbedFlow.at_temperature>`
+        gives the flow at any T (``FlowPerturbationMove`` does so from each thermodynamic state).
+        The fixed transform is fitted to all samples.
     energy : callable, optional
         Reduced potential u(x) (kT) of positions (B, N, 3) nm. If given, the trained flow is
         validated by the median reduced energy of ``n_validation_proposals`` proposals against that
-        of the training data (stored in ``metadata["training"]``).
+        of the training data (stored in ``metadata["training"]``; the samples at T0 for a
+        temperature-conditioned flow).
     checkpoint : str, optional
         File for the training state (:meth:`FlowTrainer.state_dict`), written atomically every
         ``checkpoint_every`` epochs and at the end. If it exists, training resumes from it: an
@@ -113,13 +124,14 @@ validation_fraction, patience, minutes, likelihood_minutes, likelihood_lr, prior
                             likelihood_minutes=likelihood_minutes, likelihood_lr=likelihood_lr,
                             prior_scale=prior_scale, seed=seed)
     return _train(samples, config, topology=topology, coordinates=coordinates, remove_com=remove_com,
-                  temperature=temperature, energy=energy, n_validation_proposals=n_validation_proposals,
+                  temperature=temperature, temperatures=temperatures, energy=energy,
+                  n_validation_proposals=n_validation_proposals,
                   checkpoint=checkpoint, checkpoint_every=checkpoint_every, device=device,
                   mixed_precision=mixed_precision, progress=progress, started=started)
 
 
 def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[str], remove_com: Optional[bool],
-           temperature: Optional[float], energy: Optional[Callable], n_validation_proposals: int,
+           temperature: Optional[float], temperatures, energy: Optional[Callable], n_validation_proposals: int,
            checkpoint: Optional[str], checkpoint_every: int, device: str, mixed_precision: bool,
            progress: bool, started: float) -> PerturbedFlow:
     tdev = torch.device(device)
@@ -129,8 +141,16 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
     if coordinates is None:
         coordinates = "internal-cdf" if topology is not None else "cartesian"
     gen = torch.Generator().manual_seed(int(config.seed))
+    conditions = condition = None
+    if temperatures is not None:
+        t_all = np.asarray(temperatures, dtype=np.float64).reshape(-1)
+        temperature = float(np.min(t_all)) if temperature is None else float(temperature)
+        conditions = temperature_features(t_all, temperature, len(samples))
+        condition = {"kind": "temperature", "feature": "log(T/T0)", "reference_temperature": temperature,
+                     "range": [float(t_all.min()), float(t_all.max())]}
     data = prepare_data(samples, coordinates=coordinates, topology=topology, remove_com=remove_com,
-                        validation_fraction=config.validation_fraction, generator=gen, device=tdev)
+                        validation_fraction=config.validation_fraction, generator=gen, device=tdev,
+                        conditions=conditions)
     if energy is not None and data.n_atoms == 0:
         raise ValueError("energy validation is for molecular flows")
     trainer = FlowTrainer(data, config, gen, device=tdev, mixed_precision=mixed_precision, started=started)
@@ -148,8 +168,13 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
                                n_particles=data.n_particles, scheme=config.scheme, prior_scale=config.prior_scale,
                                temperature=temperature, n_atoms=data.n_atoms,
                                extra={"grid": config.grid, "training": info})
+    if condition is not None:
+        flow.metadata["condition"] = condition
     if energy is not None:
-        info.update(energy_validation(flow, data, energy, n_validation_proposals, gen, int(config.seed)))
+        at_t0 = data  # a conditioned flow: validated against the frames at T0 (if there are any)
+        if conditions is not None and bool((conditions[:, 0] == 0).any()):
+            at_t0 = dataclasses.replace(data, x=data.x[conditions[:, 0] == 0])
+        info.update(energy_validation(flow, at_t0, energy, n_validation_proposals, gen, int(config.seed)))
         flow.metadata["training"] = info
     return flow
 

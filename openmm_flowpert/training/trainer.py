@@ -41,7 +41,7 @@ class FlowTrainer:
         self.started = time.time() if started is None else float(started)
         torch.manual_seed(int(config.seed))  # the initialization
         self.velocity = VelocityMLP(data.dim, hidden=config.hidden, n_layers=config.n_layers,
-                                    n_freq=config.n_freq).to(self.device)
+                                    n_freq=config.n_freq, n_cond=data.n_cond).to(self.device)
         self.ema_model = copy.deepcopy(self.velocity)
         for p in self.ema_model.parameters():
             p.requires_grad_(False)
@@ -62,11 +62,13 @@ class FlowTrainer:
         npart = self.data.n_particles
         return (self.config.prior_scale * (project_mean_free(z, npart) if npart else z)).to(self.device)
 
-    def loss(self, model: torch.nn.Module, y1: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the (projected) velocity against y1 - z at y_t = (1 - t) z + t y1."""
+    def loss(self, model: torch.nn.Module, y1: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+             c: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean squared error of the (projected) velocity against y1 - z at y_t = (1 - t) z + t y1
+        (at the samples' conditions ``c`` for a conditioned field)."""
         yt = (1 - t) * z + t * y1
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
-            v = model(t, yt)
+            v = model(t, yt) if c is None else model.forward_cond(t, yt, c)
         v = v.float()
         npart = self.data.n_particles
         return (((project_mean_free(v, npart) if npart else v) - (y1 - z)) ** 2).sum(1).mean()
@@ -78,10 +80,13 @@ class FlowTrainer:
         self.velocity.train()
         order = torch.randperm(y_train.shape[0], generator=self.gen)
         total = 0.0
+        c_train = self.data.c_train
         for i in range(self.steps_per_epoch):
-            y1 = y_train[order[i * bs:(i + 1) * bs]]
+            rows = order[i * bs:(i + 1) * bs]
+            y1 = y_train[rows]
             loss = self.loss(self.velocity, y1, self.draw_prior(y1.shape[0], self.gen),
-                             torch.rand(y1.shape[0], 1, generator=self.gen).to(self.device))
+                             torch.rand(y1.shape[0], 1, generator=self.gen).to(self.device),
+                             None if c_train is None else c_train[rows])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -97,7 +102,7 @@ class FlowTrainer:
         """Loss of the EMA weights on the held-out samples (the training loss if there are none)."""
         if self.z_val is None:
             return train_loss
-        return float(self.loss(self.ema_model, self.data.y_val, self.z_val, self.t_val))
+        return float(self.loss(self.ema_model, self.data.y_val, self.z_val, self.t_val, self.data.c_val))
 
     def record(self, epoch: int, val: float) -> bool:
         """Book-keeping after an epoch; True when training should stop (patience or time budget)."""
