@@ -39,6 +39,7 @@ def test_systematic_resample_follows_the_weights():
         systematic_resample(np.full(3, np.nan), 3, rng)
 
 
+@pytest.mark.slow  # ~35 s; refinement is off by default (make test-slow runs it)
 def test_refinement_moves_the_mode_weights_toward_the_target(gmm, gmm_flow):
     """Measured left-well mass (20,000 samples, SE 0.0035): before 0.519; after two rounds against
     the 1/4 : 3/4 target 0.304 / 0.268 / 0.292 (seeds 0 / 1 / 2: 61-71 SE moved, the test asks 20);
