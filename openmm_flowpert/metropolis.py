@@ -285,3 +285,14 @@ def weighted_selection(log_w: torch.Tensor, log_w_new: torch.Tensor, uniform: to
         lw[j] = -float("inf")
         n_outside += 1
     return -1, n_outside
+
+
+def systematic_resample(weights: torch.Tensor, u: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
+    """Systematic resampling: ``n`` indices (default: as many as weights) drawn in proportion to
+    normalized ``weights`` (N,) with one uniform ``u`` (1,)."""
+    N = weights.shape[0]
+    n = N if n is None else int(n)
+    positions = (u.double() + torch.arange(n, dtype=torch.float64)) / n
+    cum = torch.cumsum(weights.double(), 0)
+    cum[-1] = 1.0
+    return torch.searchsorted(cum, positions).clamp_(max=N - 1)

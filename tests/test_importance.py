@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from openmm_flowpert.testsystems import GaussianMixtureTarget
-from openmm_flowpert.training.importance import kish_fraction, refine_by_importance, systematic_resample
+from openmm_flowpert.training.importance import kish_fraction, refine_by_importance, resample_by_log_weights
 
 N_CHECK = 20_000
 
@@ -31,12 +31,12 @@ def test_systematic_resample_follows_the_weights():
     rng = np.random.default_rng(0)
     log_w = np.log(np.array([0.1, 0.0, 0.6, 0.3]) + 1e-300)
     log_w[1] = np.nan  # a rejected proposal: weight 0
-    idx = systematic_resample(log_w, 10_000, rng)
+    idx = resample_by_log_weights(log_w, 10_000, rng)
     counts = np.bincount(idx, minlength=4) / 10_000
     assert np.allclose(counts, [0.1, 0.0, 0.6, 0.3], atol=1e-3)   # systematic: error <= 1/n per index
     assert kish_fraction(np.zeros(5)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="weight 0"):
-        systematic_resample(np.full(3, np.nan), 3, rng)
+        resample_by_log_weights(np.full(3, np.nan), 3, rng)
 
 
 @pytest.mark.slow  # ~35 s; refinement is off by default (make test-slow runs it)

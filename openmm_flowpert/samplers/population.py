@@ -20,7 +20,7 @@ import torch
 from .._files import load_checkpoint, save_checkpoint
 from ..noise import Noise
 from ..perturbed_flow import PerturbedFlow
-from ..metropolis import ChainState, EnergyFn, initial_state, latent_step
+from ..metropolis import ChainState, EnergyFn, initial_state, latent_step, systematic_resample
 
 __all__ = ["LatentMC", "FlowPerturbationSMC", "SMCResult", "sigmoid_schedule"]
 
@@ -233,7 +233,7 @@ class FlowPerturbationSMC:
             ess = float(1.0 / torch.exp(2 * lwn).sum()) / N
             ess_t.append(ess)
             if ess < self.threshold:
-                idx = _systematic(torch.exp(lwn), noise.uniform(1))
+                idx = systematic_resample(torch.exp(lwn), noise.uniform(1))
                 st = st.take(idx)
                 anc = anc[idx]
                 lwn = torch.full((N,), -math.log(N), dtype=torch.float64)
@@ -258,12 +258,3 @@ class FlowPerturbationSMC:
                          log_z=log_z, ess=np.asarray(ess_t), acceptance=np.asarray(acc_t), b=self.b,
                          n_resampled=n_res, n_ancestors=int(torch.unique(anc).numel()),
                          wall_time_s=elapsed + time.perf_counter() - t0)
-
-
-def _systematic(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Systematic resampling: indices of N walkers from normalized weights with one uniform u."""
-    N = weights.shape[0]
-    positions = (u.double() + torch.arange(N, dtype=torch.float64)) / N
-    cum = torch.cumsum(weights.double(), 0)
-    cum[-1] = 1.0
-    return torch.searchsorted(cum, positions).clamp_(max=N - 1)

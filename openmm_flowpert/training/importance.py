@@ -27,12 +27,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..metropolis import systematic_resample
 from ..noise import Noise
 from .config import TrainingConfig
 from .data import TrainingData, split
 from .trainer import FlowTrainer
 
-__all__ = ["refine_by_importance", "systematic_resample", "kish_fraction"]
+__all__ = ["refine_by_importance", "resample_by_log_weights", "kish_fraction"]
 
 
 def kish_fraction(log_w: np.ndarray) -> float:
@@ -44,16 +45,15 @@ def kish_fraction(log_w: np.ndarray) -> float:
     return float(w.sum() ** 2 / (w ** 2).sum() / len(w))
 
 
-def systematic_resample(log_w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``n`` draws in proportion to exp(log_w) (systematic resampling, one uniform)."""
+def resample_by_log_weights(log_w: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` draws in proportion to exp(log_w) (systematic resampling with one uniform
+    from ``rng``; non-finite log-weights count as weight 0)."""
     lw = np.where(np.isfinite(log_w), log_w, -np.inf)
     if not np.isfinite(lw).any():
         raise ValueError("importance refinement: every proposal has weight 0 (NaN or infinite energies or log q); "
                          "check the energy function's units (kT) and the flow's temperature")
-    w = np.exp(lw - lw.max())
-    c = np.cumsum(w / w.sum())
-    c[-1] = 1.0
-    return np.searchsorted(c, (rng.random() + np.arange(n)) / n, side="right").clip(0, len(lw) - 1)
+    w = torch.from_numpy(np.exp(lw - lw.max()))
+    return systematic_resample(w / w.sum(), torch.tensor([rng.random()]), n).numpy()
 
 
 def refine_by_importance(flow, energy: Callable, samples=None, *, rounds: int = 3, n_proposals: int = 4096,
@@ -115,7 +115,7 @@ def refine_by_importance(flow, energy: Callable, samples=None, *, rounds: int = 
         prop = flow.propose(int(n_proposals), noise, estimator=estimator)
         u = np.asarray(energy(prop.x), dtype=np.float64).reshape(-1)
         log_w = -u - prop.log_q.numpy()
-        idx = systematic_resample(log_w, int(n_proposals), rng)
+        idx = resample_by_log_weights(log_w, int(n_proposals), rng)
         with torch.no_grad():
             y_new, _ = transform.inverse(prop.x.reshape(len(u), -1).to(torch.float64)[torch.as_tensor(idx)])
         y = y_new[torch.isfinite(y_new).all(1)]
