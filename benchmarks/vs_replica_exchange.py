@@ -10,6 +10,10 @@ ladder (no communication), so the comparison favours the peer. Samplers:
 - ``md``: plain Langevin MD, 500 steps per iteration;
 - ``hybrid``: MD (500 steps) + ``FlowPerturbationMove`` (bundled flow, 16 FP++ proposals) per iteration;
 - ``flow``: the same move with one MD step between applies (flow moves alone, independence proposals);
+- ``hybrid-rb``, ``flow-rb``: the same two with ``selection="weights"`` (one draw among the current
+  state and the proposals, in proportion to W) and ``--rb-proposals`` proposals per apply, estimated
+  by Rao-Blackwellization over every point each apply weighed
+  (``HybridResult.recycled_mean``, docs/algorithm.md section 4.3);
 - ``is``: importance sampling with the flow's FP++ weights (batches of 256 proposals), the upper
   bound of what the flow gives;
 - ``re-flow``: replica exchange with the flow move in every replica (``prior_scale="sqrt(T/T0)"``;
@@ -17,12 +21,13 @@ ladder (no communication), so the comparison favours the peer. Samplers:
 
 Observables at 300 K: the population of 0 < phi < 2.5 rad and the mean reduced energy (kT). For a
 time series, effective samples = n / g (g: pymbar's statistical inefficiency; a series that never
-changes has no estimable g and counts 0); for importance sampling, Kish's (sum w)^2 / sum w^2.
+changes has no estimable g and counts 0); for importance sampling, Kish's (sum w)^2 / sum w^2; for
+the Rao-Blackwellized samplers, the observable's variance over SE^2 (the same as n / g for a chain).
 Errors: within a run from g, across runs and seeds from their spread. The population's reference is
 1.06 +- 0.28 % (docs/benchmarks.md section 6).
 
 usage: python benchmarks/vs_replica_exchange.py [--seconds 60] [--seeds 1] [--samplers re,md,hybrid,...]
-       [--flow FILE] [--ladder-flow FILE]
+       [--flow FILE] [--ladder-flow FILE] [--rb-proposals 16] [--md-steps 500]
        (short mode: the defaults, a few minutes; full mode: --seconds 300 --seeds 3)
 """
 import argparse
@@ -34,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-SAMPLERS = ("re", "md", "hybrid", "flow", "is", "re-flow")
+SAMPLERS = ("re", "md", "hybrid", "flow", "hybrid-rb", "flow-rb", "is", "re-flow")
 REFERENCE_PCT = (1.06, 0.28)
 
 
@@ -73,17 +78,26 @@ def _run_re(ms, flow_path, seed, seconds, with_flow) -> dict:
     return out
 
 
-def _run_hybrid(ms, flow_path, seed, seconds, kind) -> dict:
+def _run_hybrid(ms, flow_path, seed, seconds, kind, opts) -> dict:
     import openmm_flowpert as fp
     from openmm_flowpert.samplers.hybrid import run_hybrid
 
     flow = None if kind == "md" else fp.PerturbedFlow.load(flow_path)
-    md_steps = 1 if kind == "flow" else 500
+    md_steps = 1 if kind.startswith("flow") else opts["md_steps"]
+    rb = kind.endswith("-rb")
+    kw = dict(selection="weights", record_candidates=True, n_proposals=opts["rb_proposals"]) if rb else {}
     t0 = time.perf_counter()
     r = run_hybrid(ms.system, ms.positions, 300.0, flow, seconds=seconds, md_steps=md_steps, seed=seed,
-                   progress=False)
+                   progress=False, **kw)
+    wall = time.perf_counter() - t0
     out = _series(r.positions, r.reduced_energies, ms.topology)
-    out.update(wall=time.perf_counter() - t0, iterations=len(r), acceptance=r.acceptance)
+    if rb:  # every point each apply weighed, with the law of its draw
+        shape = r.candidate_probabilities.shape
+        cand = _series(r.candidate_positions.reshape(-1, *r.candidate_positions.shape[2:]),
+                       r.candidate_energies.reshape(-1), ms.topology)
+        out = {k: v.reshape(shape) for k, v in cand.items()}
+        out["probabilities"] = r.candidate_probabilities
+    out.update(wall=wall, iterations=len(r), acceptance=r.acceptance)
     return out
 
 
@@ -109,8 +123,9 @@ def _run_is(ms, flow_path, seed, seconds) -> dict:
 
 
 def run_one(task) -> dict:
-    """One run of one sampler (in its own process): task = (sampler, seed, seconds, flow file or None)."""
-    sampler, seed, seconds, flow_file = task
+    """One run of one sampler (in its own process): task = (sampler, seed, seconds, flow file or None,
+    options)."""
+    sampler, seed, seconds, flow_file, opts = task
     ms, flow_path = _setup()
     flow_path = flow_file or flow_path
     if sampler in ("re", "re-flow"):
@@ -118,16 +133,18 @@ def run_one(task) -> dict:
     elif sampler == "is":
         out = _run_is(ms, flow_path, seed, seconds)
     else:
-        out = _run_hybrid(ms, flow_path, seed, seconds, sampler)
+        out = _run_hybrid(ms, flow_path, seed, seconds, sampler, opts)
     out.update(sampler=sampler, seed=seed)
     return out
 
 
 def estimate(run: dict, key: str) -> tuple:
     """(mean, SE, effective samples) of one run's observable."""
-    from openmm_flowpert.analysis import mean_and_se, weighted_mean_and_se
+    from openmm_flowpert.analysis import mean_and_se, recycled_mean_and_se, weighted_mean_and_se
 
     v = run[key]
+    if "probabilities" in run:
+        return recycled_mean_and_se(v, run["probabilities"])
     if "log_w" in run:
         w = np.exp(run["log_w"] - run["log_w"].max())
         m, se = weighted_mean_and_se(v, w)
@@ -144,13 +161,17 @@ def main() -> None:
     p.add_argument("--flow", default=None, help="flow file of the flow samplers (default: the bundled flow)")
     p.add_argument("--ladder-flow", default=None,
                    help="flow file of re-flow (default: --flow), e.g. a temperature-conditioned flow")
+    p.add_argument("--rb-proposals", type=int, default=16, help="proposals per apply of hybrid-rb and flow-rb")
+    p.add_argument("--md-steps", type=int, default=500, help="Langevin steps per iteration of md and hybrid(-rb)")
     args = p.parse_args()
+    opts = {"rb_proposals": args.rb_proposals, "md_steps": args.md_steps}
     samplers = [s for s in args.samplers.split(",") if s]
     rows = {}
     with ProcessPoolExecutor(max_workers=2) as pool:
         for s in samplers:
             flow_file = (args.ladder_flow or args.flow) if s == "re-flow" else args.flow
-            tasks = [(s, 1000 * rep + i, args.seconds, flow_file) for rep in range(args.seeds) for i in range(2)]
+            tasks = [(s, 1000 * rep + i, args.seconds, flow_file, opts) for rep in range(args.seeds)
+                     for i in range(2)]
             rows[s] = list(pool.map(run_one, tasks))
             print(f"{s}: done ({len(tasks)} runs)", flush=True)
     print(f"\nalanine dipeptide, vacuum, 300 K; {args.seconds:.0f} s per run, 2 runs at once on 2 cores, "

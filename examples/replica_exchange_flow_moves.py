@@ -101,13 +101,14 @@ def new_sampler(args, system, positions):
     """A fresh ReplicaExchangeSampler writing to ``args.storage``."""
     md_move = SeededLangevinDynamicsMove(seed=args.seed, timestep=1.0 * unit.femtosecond,
                                          collision_rate=1.0 / unit.picosecond, n_steps=args.md_steps,
-                                         reassign_velocities=False)
+                                         reassign_velocities=True)
+    # Velocities are redrawn at each segment's start (after a swap they belong to the previous
+    # temperature) and after every accepted flow move (the Langevin integrator's velocities lag the
+    # positions by half a step; carried to new positions they heat the system).
     # One move object; openmmtools copies it for every thermodynamic state. The move is stored in
     # the .nc file by flow path + SHA-256, so the flow file must stay where it is for resuming.
-    # reassign_velocities=False keeps the velocities after an accepted flow move (exact too: positions
-    # and velocities are independent in the Boltzmann distribution; the Langevin segments thermalize).
     flow_move = FlowPerturbationMove(args.flow, n_proposals=args.proposals, prior_scale="sqrt(T/T0)",
-                                     seed=args.seed, reassign_velocities=False)
+                                     seed=args.seed)
     thermodynamic_states = [states.ThermodynamicState(system, t * unit.kelvin) for t in args.temperatures]
     sampler_states = [states.SamplerState(positions * unit.nanometer) for _ in args.temperatures]
     sampler = multistate.ReplicaExchangeSampler(mcmc_moves=mcmc.SequenceMove([md_move, flow_move]),

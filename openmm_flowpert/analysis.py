@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 __all__ = ["backbone_dihedrals", "mean_and_se", "phi_populations", "PHI_BASIN", "ca_distances", "rmsd_to",
-           "select_ca_pair", "weighted_mean_and_se"]
+           "select_ca_pair", "weighted_mean_and_se", "recycled_mean_and_se"]
 
 #: The rare left-handed basin of alanine dipeptide used by the replica-exchange reference (rad).
 PHI_BASIN = (0.0, 2.5)
@@ -133,3 +133,29 @@ def weighted_mean_and_se(values: np.ndarray, weights: np.ndarray) -> Tuple[float
     w = w / w.sum()
     m = float((w * v).sum())
     return m, float(np.sqrt((w ** 2 * (v - m) ** 2).sum()))
+
+
+def recycled_mean_and_se(values: np.ndarray, probabilities: np.ndarray) -> Tuple[float, float, float]:
+    """Rao-Blackwellized ("waste-recycling") estimate of E[values] from a chain of
+    ``selection="weights"`` flow moves, its standard error and its effective sample size.
+
+    ``values`` and ``probabilities`` are (n_iterations, n + 1): an observable at each apply's n + 1
+    points and the law of that apply's draw among them (``FlowPerturbationMove.candidates``, rows
+    summing to 1; the hybrid sampler stores them). Each row's mean under its law is the conditional
+    expectation of the observable at the chain's next state, so the series of row means has the
+    target's expectation at stationarity and no larger variance per step than the chain's own
+    values (Rao-Blackwell; Tjelmeland 2004, Frenkel 2004). The SE is that of the series of row means
+    (pymbar's statistical inefficiency); the effective sample size is the target variance of the
+    observable (pooled over all points with their probabilities) over SE^2, so it is comparable
+    with n/g of a plain chain and with Kish's ESS of importance sampling. Returns (mean, SE, ESS).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if v.shape != p.shape or v.ndim != 2:
+        raise ValueError(f"values and probabilities must both be (n_iterations, n + 1), got {v.shape} and {p.shape}")
+    p = p / p.sum(1, keepdims=True)
+    rows = np.where(p > 0, v, 0.0)
+    rows = (p * rows).sum(1)
+    m, se, _ = mean_and_se(rows)
+    var = float((p * np.where(p > 0, v - m, 0.0) ** 2).sum() / p.shape[0])
+    return m, se, (var / se ** 2 if se > 0 else float(p.shape[0]))

@@ -15,7 +15,7 @@ exception.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .perturbed_flow import PerturbedFlow
 
 __all__ = ["EnergyFn", "DomainFn", "ChainState", "reduced_energies", "log_weights", "metropolis_accept",
            "latent_proposal", "latent_step", "independent_step", "sequential_chain", "weighted_selection",
-           "initial_state", "refreshed_state",
+           "selection_probabilities", "initial_state", "refreshed_state",
            "check_energy_invariance"]
 
 #: A batched reduced potential: positions (B, n_atoms, 3) in nm, or (B, D), to u (B,) in kT.
@@ -285,6 +285,28 @@ def weighted_selection(log_w: torch.Tensor, log_w_new: torch.Tensor, uniform: to
         lw[j] = -float("inf")
         n_outside += 1
     return -1, n_outside
+
+
+def selection_probabilities(log_w: torch.Tensor, log_w_new: torch.Tensor,
+                            refused: Sequence[int] = ()) -> torch.Tensor:
+    """The law of :func:`weighted_selection`'s draw given the n + 1 points: W / sum W (n + 1,).
+
+    ``log_w`` (1,) is the current state's log W, ``log_w_new`` (n,) the proposals' (nats);
+    ``refused`` lists proposals (0-based, as returned by the draw) known to lie outside the domain.
+    Entry 0 is the current state. NaN, -inf and refused entries get probability 0. The mean of an
+    observable under this law is the Rao-Blackwellized ("waste-recycling") estimate of one
+    ``apply``: at stationarity its expectation is the target's, since the draw has exactly this
+    conditional law (docs/algorithm.md section 4.3).
+    """
+    lw = torch.cat([log_w.reshape(1), log_w_new]).to(torch.float64)
+    lw = torch.where(torch.isnan(lw), torch.full_like(lw, -float("inf")), lw)
+    for j in refused:
+        lw[int(j) + 1] = -float("inf")
+    if not bool(torch.isfinite(lw).any()):
+        out = torch.zeros_like(lw)
+        out[0] = 1.0
+        return out
+    return torch.softmax(lw, 0)
 
 
 def systematic_resample(weights: torch.Tensor, u: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:

@@ -124,6 +124,7 @@ def test_sigmoid_schedule():
     assert np.diff(b)[0] < np.diff(b)[50] > np.diff(b)[-1]  # dense at both ends
 
 
+@pytest.mark.slow  # d = 100 exact-field SMC (fp++) and its control cover SMC by default
 def test_smc_fp_reproduces_fraction_and_log_z(gmm, gmm_flow):
     frac, log_z, acceptance, ancestors = _smc_z(gmm_flow, gmm.energy, _left_gmm, 0.25, "fp", SMC_SEEDS)
     assert abs(frac["z"]) < frac["bar"] and abs(log_z["z"]) < log_z["bar"], (frac, log_z)
@@ -131,6 +132,7 @@ def test_smc_fp_reproduces_fraction_and_log_z(gmm, gmm_flow):
     assert np.all(acceptance > 0.05) and np.all(ancestors > 1)
 
 
+@pytest.mark.slow  # d = 100 exact-field SMC (fp++) and its control cover SMC by default
 def test_smc_hutchinson_negative_control(gmm, gmm_flow):
     """The same protocol with Hutchinson(1) log-determinants: log Z is far from 0."""
     _, log_z, _, _ = _smc_z(gmm_flow, gmm.energy, _left_gmm, 0.25, "hutchinson", CONTROL_SEEDS)

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import zlib
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from openmmtools import mcmc
 from ..energies import ReducedPotential, check_system
 from ..noise import Noise
 from ..perturbed_flow import FlowFileError, PerturbedFlow, file_checksum
-from ..metropolis import (ChainState, latent_step, log_weights, reduced_energies, sequential_chain,
-                          weighted_selection)
+from ..metropolis import (ChainState, latent_step, log_weights, reduced_energies, selection_probabilities,
+                          sequential_chain, weighted_selection)
 
 __all__ = ["FlowPerturbationMove", "load_flow_cached"]
 
@@ -55,6 +55,20 @@ def load_flow_cached(path: str, checksum: Optional[str] = None, device: Optional
         flow = PerturbedFlow.load(path)
         _FLOW_CACHE[key] = flow if device is None else flow.to(device)
     return _FLOW_CACHE[key]
+
+
+class _Candidates(NamedTuple):
+    """The points of one ``apply`` with ``selection="weights"`` and the law of its draw among them.
+
+    positions : (n + 1, N, 3) nm (or (n + 1, D)); row 0 the state the apply started from.
+    reduced_energies : (n + 1,) kT at the state's temperature.
+    probabilities : (n + 1,) the conditional probability of each point being the new state
+        (W / sum W; 0 for non-finite weights and for proposals refused by the domain test).
+    """
+
+    positions: np.ndarray
+    reduced_energies: np.ndarray
+    probabilities: np.ndarray
 
 
 class _Clock:
@@ -118,7 +132,10 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         Metropolis tests, each against the state the chain holds. ``"weights"``: one draw among the
         current state and the proposals with probability W / sum W (a Gibbs step on the index,
         exact, docs/algorithm.md section 4.3); it needs at most one domain test per ``apply``
-        instead of one per acceptance. ``n_accepted`` then counts calls that moved.
+        instead of one per acceptance. ``n_accepted`` then counts calls that moved. After each
+        ``apply`` the attribute ``candidates`` holds the n + 1 points (positions in nm, reduced
+        energies in kT) and the draw's probabilities, for Rao-Blackwellized averages (see
+        :func:`~openmm_flowpert.analysis.recycled_mean_and_se`).
     exact_inverse : bool, optional
         Exact (default) or fast inverse steps in the estimator of the proposals; the map from
         positions to the latent space is always exact.
@@ -153,7 +170,11 @@ class FlowPerturbationMove(mcmc.MCMCMove):
     reassign_velocities : bool, default True
         After an accepted proposal, velocities are redrawn from Maxwell-Boltzmann at the state's
         temperature; this keeps the joint (positions, velocities) distribution exact. Velocities
-        that are None are always drawn.
+        that are None are always drawn. ``False`` keeps them, which is exact only if the next move
+        redraws them or treats them as full-step velocities independent of x. openmmtools'
+        ``LangevinDynamicsMove`` (OpenMM's ``LangevinMiddleIntegrator``) stores velocities half a
+        step behind the positions. Those carry -dt/2 F(x)/m of the old positions, so keeping them
+        across a jump heats the system at every accepted move (docs/algorithm.md section 4.7).
 
     Attributes
     ----------
@@ -231,6 +252,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self._energies: Dict[int, ReducedPotential] = {}
         self._validated: set = set()
         self.timing: Dict[str, float] = {}  #: seconds spent in refresh, proposals, energies, total
+        self.candidates: Optional[_Candidates] = None  #: the last apply's points and draw law (selection="weights")
 
     # -- statistics (synchronized across MPI ranks by openmmtools) ---------------------------------
     def reset_statistics(self) -> None:
@@ -342,6 +364,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             # move cannot weigh the current state, so it leaves it unchanged.
             self.n_refresh_failed += 1
             accepted_any = False
+            self.candidates = _Candidates(x[None], state.reduced_energy.reshape(1).numpy(), np.ones(1))
         else:
             accepted_any = self._propose_and_accept(state, energy, noise, kw, clock)
             self.n_proposed += self.n_proposals
@@ -376,13 +399,25 @@ class FlowPerturbationMove(mcmc.MCMCMove):
             prop = self._active.propose(self.n_proposals, noise, reference=x0, **kw)
             clock.lap("proposals")
             xs = place(prop.x)
-            lw_new = log_weights(reduced_energies(energy, xs), prop.log_q)
+            u_new = reduced_energies(energy, xs)
+            lw_new = log_weights(u_new, prop.log_q)
             clock.lap("energies")
             self.n_nonfinite += int((~torch.isfinite(lw_new)).sum())
-            test = (lambda i: bool(self._in_domain(xs[i:i + 1], prop.w[i:i + 1], s))) if self.domain_check else None
+            refused = []
+
+            def test(i: int) -> bool:
+                ok = bool(self._in_domain(xs[i:i + 1], prop.w[i:i + 1], s))
+                if not ok:
+                    refused.append(i)
+                return ok
+
+            test = test if self.domain_check else None
             if self.selection == "weights":
                 best, n_outside = weighted_selection(state.log_w, lw_new, noise.uniform(self.n_proposals + 1), test)
                 n_accepted = int(best >= 0)
+                self.candidates = _Candidates(torch.cat([x0, xs]).numpy(),
+                                              torch.cat([state.reduced_energy.reshape(1), u_new]).numpy(),
+                                              selection_probabilities(state.log_w, lw_new, refused).numpy())
             else:
                 best, n_accepted, n_outside = sequential_chain(state.log_w, lw_new, noise.uniform(self.n_proposals),
                                                                test)
@@ -477,4 +512,4 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         self.selection = state.get("selection", "metropolis")
         self._calls = int(state.get("calls", 0))
         self.statistics = state["statistics"]
-        self._energies, self._validated, self.timing = {}, set(), {}
+        self._energies, self._validated, self.timing, self.candidates = {}, set(), {}, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -31,6 +31,10 @@ class HybridResult:
         Flow proposals accepted / made in each iteration (0 for plain MD).
     wall_times : ndarray (n_iterations,), s
         Cumulative wall time after each iteration (continues across resumes).
+    candidate_positions, candidate_energies, candidate_probabilities : ndarray or None
+        With ``record_candidates=True``: each apply's n + 1 points ((n_iterations, n + 1, N, 3) nm,
+        float32), their reduced energies ((n_iterations, n + 1) kT) and the law of the move's draw
+        among them ((n_iterations, n + 1)), for :meth:`recycled_mean`. None otherwise.
     """
 
     positions: np.ndarray
@@ -38,6 +42,9 @@ class HybridResult:
     accepted: np.ndarray
     proposed: np.ndarray
     wall_times: np.ndarray
+    candidate_positions: Optional[np.ndarray] = None
+    candidate_energies: Optional[np.ndarray] = None
+    candidate_probabilities: Optional[np.ndarray] = None
 
     @property
     def acceptance(self) -> float:
@@ -48,8 +55,21 @@ class HybridResult:
     def __len__(self) -> int:
         return int(self.reduced_energies.shape[0])
 
+    def recycled_mean(self, observable: Callable[[np.ndarray], np.ndarray]) -> Tuple[float, float, float]:
+        """Rao-Blackwellized estimate (mean, SE, ESS) of an observable over every point the flow move
+        weighed (:func:`~openmm_flowpert.analysis.recycled_mean_and_se`); ``observable`` maps
+        positions (B, N, 3) nm to values (B,). Needs ``run_hybrid(..., record_candidates=True)``."""
+        from ..analysis import recycled_mean_and_se
 
-def _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed) -> dict:
+        if self.candidate_positions is None:
+            raise ValueError("this run recorded no candidates: run_hybrid(..., record_candidates=True)")
+        shape = self.candidate_positions.shape
+        values = np.asarray(observable(self.candidate_positions.reshape(-1, *shape[2:]).astype(np.float64)))
+        return recycled_mean_and_se(values.reshape(shape[:2]), self.candidate_probabilities)
+
+
+def _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed,
+            selection) -> dict:
     from ..perturbed_flow import PerturbedFlow, file_checksum
 
     path = None if flow is None else (flow.path if isinstance(flow, PerturbedFlow) else os.fspath(flow))
@@ -57,7 +77,12 @@ def _config(system, temperature, flow, md_steps, n_proposals, estimator, timeste
             "flow_sha256": file_checksum(path) if path and os.path.isfile(path) else path,
             "md_steps": int(md_steps), "n_proposals": int(n_proposals) if flow is not None else 0,
             "estimator": estimator if flow is not None else None, "timestep_fs": float(timestep_fs),
-            "friction_per_ps": float(friction), "seed": int(seed)}
+            "friction_per_ps": float(friction), "seed": int(seed),
+            # newer settings enter only when not the default, so older checkpoints still resume
+            **({"selection": selection} if selection != "metropolis" else {})}
+
+
+_CANDIDATE_KEYS = ("candidate_positions", "candidate_energies", "candidate_probabilities")
 
 
 class _Trace:
@@ -68,6 +93,7 @@ class _Trace:
         self.xs, self.us = list(ck.get("positions", [])), list(ck.get("reduced_energies", []))
         self.acc, self.prop = list(ck.get("accepted", [])), list(ck.get("proposed", []))
         self.walls = list(ck.get("wall_times", []))
+        self.cand = {k: list(ck[k]) for k in _CANDIDATE_KEYS if k in ck}
 
     def __len__(self) -> int:
         return len(self.us)
@@ -83,14 +109,24 @@ class _Trace:
         self.prop.append(p)
         self.walls.append(wall)
 
+    def add_candidates(self, candidates, n_points: int) -> None:
+        """One apply's points, padded to ``n_points`` rows of probability 0 (a skipped apply has one)."""
+        pad = n_points - candidates.positions.shape[0]
+        rows = (np.concatenate([candidates.positions, np.repeat(candidates.positions[:1], pad, 0)]).astype(np.float32),
+                np.concatenate([candidates.reduced_energies, np.repeat(candidates.reduced_energies[:1], pad)]),
+                np.concatenate([candidates.probabilities, np.zeros(pad)]))
+        for key, row in zip(_CANDIDATE_KEYS, rows):
+            self.cand.setdefault(key, []).append(row)
+
     def payload(self) -> dict:
         return {"positions": np.asarray(self.xs), "reduced_energies": np.asarray(self.us),
                 "accepted": np.asarray(self.acc, dtype=np.int64), "proposed": np.asarray(self.prop, dtype=np.int64),
-                "wall_times": np.asarray(self.walls)}
+                "wall_times": np.asarray(self.walls), **{k: np.asarray(v) for k, v in self.cand.items()}}
 
     def result(self) -> HybridResult:
         p = self.payload()
-        return HybridResult(p["positions"], p["reduced_energies"], p["accepted"], p["proposed"], p["wall_times"])
+        return HybridResult(p["positions"], p["reduced_energies"], p["accepted"], p["proposed"], p["wall_times"],
+                            *(p.get(k) for k in _CANDIDATE_KEYS))
 
 
 def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations: Optional[int] = None,
@@ -98,7 +134,8 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
                estimator: str = "fp++", timestep_fs: float = 1.0, friction: float = 1.0, seed: int = 0,
                checkpoint: Optional[str] = None, checkpoint_every: int = 50, platform: Optional[str] = None,
                progress: bool = True, desc: Optional[str] = None, device: Optional[str] = None,
-               callback: Optional[Callable[[int, np.ndarray], None]] = None) -> HybridResult:
+               callback: Optional[Callable[[int, np.ndarray], None]] = None, selection: str = "metropolis",
+               record_candidates: bool = False) -> HybridResult:
     """Run hybrid MD + flow-perturbation MC (or plain MD if ``flow`` is None) in openmmtools.
 
     Parameters
@@ -115,8 +152,14 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
         Stop after this many iterations and/or this much wall time (at least one must be given).
     md_steps : int
         Langevin steps (``timestep_fs`` fs, ``friction`` 1/ps) per iteration.
-    n_proposals, estimator, device : flow move settings (see :class:`~openmm_flowpert.FlowPerturbationMove`;
-        ``device`` is the torch device of the flow, e.g. ``"cuda"``).
+    n_proposals, estimator, device, selection : flow move settings (see
+        :class:`~openmm_flowpert.FlowPerturbationMove`; ``device`` is the torch device of the flow,
+        e.g. ``"cuda"``).
+    record_candidates : bool
+        Keep every apply's n + 1 points and the law of its draw (needs ``selection="weights"``) for
+        the Rao-Blackwellized estimate :meth:`HybridResult.recycled_mean`, which uses every
+        proposal the move weighed instead of the one state it keeps (about n + 1 times the
+        trajectory's memory, float32 positions).
     seed : int
         Seeds the Langevin integrator and the flow move's noise.
     checkpoint : str, optional
@@ -136,7 +179,13 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
 
     if n_iterations is None and seconds is None:
         raise ValueError("give n_iterations, seconds or both")
-    config = _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed)
+    if record_candidates and (flow is None or selection != "weights"):
+        raise ValueError("record_candidates=True needs a flow and selection='weights' (the recorded law is "
+                         "that of the weighted draw)")
+    config = _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed,
+                     selection)
+    if record_candidates:
+        config["record_candidates"] = True
     ck = load_checkpoint(checkpoint, "hybrid", config)
     trace = _Trace(ck)
     ts = states.ThermodynamicState(system, float(temperature) * unit.kelvin)
@@ -145,8 +194,11 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     if flow is not None:
         from ..moves import FlowPerturbationMove
 
+        # Velocities are redrawn after an accepted move: the Langevin segment's stored velocities lag
+        # the positions by half a step and would heat the system if carried to the new positions.
         fpm = FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, seed=seed,
-                                   platform=platform, reassign_velocities=False, device=device)
+                                   platform=platform, reassign_velocities=True, device=device, selection=selection)
+        fpm.record_candidates = bool(record_candidates)
     if ck is not None:
         ss.positions = ck["state_positions"] * unit.nanometer
         ss.velocities = ck["state_velocities"] * unit.nanometer / unit.picosecond
@@ -202,6 +254,8 @@ def _loop(ts, ss, fpm, trace: _Trace, done, write, checkpoint_every: int, platfo
             before = fpm.n_accepted, fpm.n_proposed
             fpm.apply(ts, ss, cc)
             a, p = fpm.n_accepted - before[0], fpm.n_proposed - before[1]
+            if getattr(fpm, "record_candidates", False):
+                trace.add_candidates(fpm.candidates, fpm.n_proposals + 1)
         now = time.perf_counter()
         elapsed, t_last = elapsed + now - t_last, now
         x = np.asarray(ss.positions.value_in_unit(unit.nanometer))
