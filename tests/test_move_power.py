@@ -99,7 +99,10 @@ def z_scores(gmm_system, left, energy):
     return out
 
 
-@pytest.mark.parametrize("md_steps", [0, pytest.param(50, marks=pytest.mark.slow)])
+# slow (about 1 min each): the latent kernel (metropolis.latent_step, which the move calls) is exact by
+# default in tests/test_metropolis.py::test_gmm_fraction_left_exact[latent-fp]
+@pytest.mark.slow
+@pytest.mark.parametrize("md_steps", [0, 50])
 def test_latent_move_is_exact_on_gmm_system(gmm_system, gmm_system_flow, md_steps):
     left, energy, stats = run_latent_chains(gmm_system, gmm_system_flow, seed=0, md_steps=md_steps)
     res = z_scores(gmm_system, left, energy)
@@ -110,7 +113,10 @@ def test_latent_move_is_exact_on_gmm_system(gmm_system, gmm_system_flow, md_step
     assert stats["n_refresh_failed"] == 0 and stats["n_nonfinite"] == 0, stats
 
 
-@pytest.mark.parametrize("md_steps", [0, pytest.param(50, marks=pytest.mark.slow)])
+# slow (about 1 min each): the latent kernel (metropolis.latent_step, which the move calls) is exact by
+# default in tests/test_metropolis.py::test_gmm_fraction_left_exact[latent-fp]
+@pytest.mark.slow
+@pytest.mark.parametrize("md_steps", [0, 50])
 def test_latent_move_with_wide_redraw_is_biased_negative_control(gmm_system, gmm_system_flow, md_steps):
     left, energy, _ = run_latent_chains(gmm_system, gmm_system_flow, seed=0, move_cls=WideRedrawMove,
                                         md_steps=md_steps)
