@@ -88,8 +88,9 @@ _CANDIDATE_KEYS = ("candidate_positions", "candidate_energies", "candidate_proba
 class _Trace:
     """The per-iteration record of a hybrid run and its checkpoint payload."""
 
-    def __init__(self, ck: Optional[dict] = None):
+    def __init__(self, ck: Optional[dict] = None, record_candidates: bool = False):
         ck = ck or {}
+        self.record_candidates = bool(record_candidates)
         self.xs, self.us = list(ck.get("positions", [])), list(ck.get("reduced_energies", []))
         self.acc, self.prop = list(ck.get("accepted", [])), list(ck.get("proposed", []))
         self.walls = list(ck.get("wall_times", []))
@@ -187,7 +188,7 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
     if record_candidates:
         config["record_candidates"] = True
     ck = load_checkpoint(checkpoint, "hybrid", config)
-    trace = _Trace(ck)
+    trace = _Trace(ck, record_candidates)
     ts = states.ThermodynamicState(system, float(temperature) * unit.kelvin)
     ss = states.SamplerState(np.asarray(positions, dtype=np.float64) * unit.nanometer)
     fpm = None
@@ -198,7 +199,6 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
         # the positions by half a step and would heat the system if carried to the new positions.
         fpm = FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, seed=seed,
                                    platform=platform, reassign_velocities=True, device=device, selection=selection)
-        fpm.record_candidates = bool(record_candidates)
     if ck is not None:
         ss.positions = ck["state_positions"] * unit.nanometer
         ss.velocities = ck["state_velocities"] * unit.nanometer / unit.picosecond
@@ -254,7 +254,7 @@ def _loop(ts, ss, fpm, trace: _Trace, done, write, checkpoint_every: int, platfo
             before = fpm.n_accepted, fpm.n_proposed
             fpm.apply(ts, ss, cc)
             a, p = fpm.n_accepted - before[0], fpm.n_proposed - before[1]
-            if getattr(fpm, "record_candidates", False):
+            if trace.record_candidates:
                 trace.add_candidates(fpm.candidates, fpm.n_proposals + 1)
         now = time.perf_counter()
         elapsed, t_last = elapsed + now - t_last, now
