@@ -219,3 +219,24 @@ def test_hybrid_refresh_at_the_wrong_law_is_biased_negative_control(sheared_flow
     fraction moves too, +3.2 to +4.9 and +1.0 to +3.4 SE, but x1^2 + x2^2 is the sharp observable)."""
     _, r2 = _hybrid_chains(sheared_flow, variant, seed=3)
     assert z_of_chain_means(r2, 2 * S2) < -4, z_of_chain_means(r2, 2 * S2)
+
+
+def test_run_hybrid_records_each_applys_points_and_draw_law(tmp_path):
+    """record_candidates=True keeps, per iteration, the current state plus the proposals with the law
+    of the weighted draw (rows sum to 1, row 0 is where the apply started). A resumed run continues
+    them, and the option is refused without selection='weights'."""
+    from openmm_flowpert.samplers.hybrid import run_hybrid
+    from openmm_flowpert.systems import alanine_dipeptide, bundled_flow
+
+    ms = alanine_dipeptide("vacuum")
+    kw = dict(md_steps=5, n_proposals=4, seed=3, selection="weights", record_candidates=True, progress=False,
+              checkpoint=str(tmp_path / "ck.npz"), checkpoint_every=2)
+    r = run_hybrid(ms.system, ms.positions, 300.0, bundled_flow("alanine-dipeptide"), n_iterations=2, **kw)
+    r = run_hybrid(ms.system, ms.positions, 300.0, bundled_flow("alanine-dipeptide"), n_iterations=4, **kw)
+    assert r.candidate_positions.shape == (4, 5, 22, 3) and r.candidate_energies.shape == (4, 5)
+    assert np.allclose(r.candidate_probabilities.sum(1), 1.0) and np.all(r.candidate_probabilities >= 0)
+    m, se, ess = r.recycled_mean(lambda x: x[:, 0, 0])
+    assert np.isfinite(m) and se >= 0 and ess > 0
+    with pytest.raises(ValueError, match="selection='weights'"):
+        run_hybrid(ms.system, ms.positions, 300.0, bundled_flow("alanine-dipeptide"), n_iterations=1,
+                   record_candidates=True, progress=False)
