@@ -1,8 +1,9 @@
 """Settings of FlowPerturbationMove side by side: time per apply of the bundled alanine-dipeptide
 flow (16 FP++ proposals, the demo's move) after a 500-step Langevin segment on OpenMM's Reference or
 CPU platform in the same process. ``--compare threads``: 1 and 2 torch threads; ``--compare
-selection``: selection="metropolis" and "weights" (one torch thread). The two settings alternate on
-one sampler state, so they see the same load and the same MD frames.
+selection``: selection="metropolis" and "weights" (one torch thread); ``--compare inverse``: the
+proposals' exact inverse Jacobian solve (the default) against the fast one (``exact_inverse=False``).
+The two settings alternate on one sampler state, so they see the same load and the same MD frames.
 
 usage: python benchmarks/threads.py [--repeats 20] [--platform CPU] [--compare selection]
 """
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--platform", default="Reference")
     p.add_argument("--n-proposals", type=int, default=16)
-    p.add_argument("--compare", choices=("threads", "selection"), default="threads")
+    p.add_argument("--compare", choices=("threads", "selection", "inverse"), default="threads")
     args = p.parse_args()
     mol = alanine_dipeptide("vacuum")
     system, positions = mol.system, mol.positions * unit.nanometer
@@ -35,8 +36,9 @@ def main() -> None:
     ts = states.ThermodynamicState(system, 300 * unit.kelvin)
     cc = cache.ContextCache(capacity=2, platform=openmm.Platform.getPlatformByName(args.platform))
     md = SeededLangevinDynamicsMove(seed=1, timestep=1 * unit.femtoseconds, n_steps=500, reassign_velocities=False)
-    options = ({1: dict(torch_threads=1), 2: dict(torch_threads=2)} if args.compare == "threads" else
-               {"metropolis": dict(selection="metropolis"), "weights": dict(selection="weights")})
+    options = {"threads": {1: dict(torch_threads=1), 2: dict(torch_threads=2)},
+               "selection": {"metropolis": dict(selection="metropolis"), "weights": dict(selection="weights")},
+               "inverse": {"exact": dict(exact_inverse=True), "fast": dict(exact_inverse=False)}}[args.compare]
     settings = {n: FlowPerturbationMove(flow, n_proposals=args.n_proposals, seed=1, platform=args.platform,
                                         reassign_velocities=False, **kw) for n, kw in options.items()}
     ss = states.SamplerState(positions)

@@ -6,7 +6,7 @@ Error bars of time series use the statistical inefficiency g of :func:`pymbar.ti
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -63,11 +63,27 @@ def mean_and_se(values: np.ndarray) -> Tuple[float, float, float]:
     return float(v.mean()), float(v.std() * math.sqrt(g / v.size)), g
 
 
-def phi_populations(phi: np.ndarray, basin: Tuple[float, float] = PHI_BASIN) -> Dict[str, Tuple[float, float, float]]:
-    """Populations (mean, SE, g) of phi < 0 and of ``basin[0] < phi < basin[1]`` (first residue)."""
-    p = np.asarray(phi)[:, 0] if np.ndim(phi) == 2 else np.asarray(phi)
-    return {"phi<0": mean_and_se((p < 0).astype(float)),
-            f"{basin[0]:g}<phi<{basin[1]:g}": mean_and_se(((p > basin[0]) & (p < basin[1])).astype(float))}
+def phi_populations(phi: np.ndarray, basin: Tuple[float, float] = PHI_BASIN,
+                    probabilities: Optional[np.ndarray] = None) -> Dict[str, Tuple[float, float, float]]:
+    """Populations (mean, SE, g) of phi < 0 and of ``basin[0] < phi < basin[1]`` (rad).
+
+    Without ``probabilities``: ``phi`` is a time series, (n,) or (n, n_residues) (first residue
+    used), and g is its statistical inefficiency. With ``probabilities`` (n_iterations, n + 1), the
+    law of each ``selection="weights"`` draw (``HybridResult.candidate_probabilities``): ``phi`` is
+    (n_iterations, n + 1), the first residue's phi at every point each apply weighed, and the
+    estimate is Rao-Blackwellized (:func:`recycled_mean_and_se`); g is then n_iterations / ESS, the
+    inefficiency relative to one independent sample per iteration.
+    """
+    p = np.asarray(phi)
+    if probabilities is None:
+        p = p[:, 0] if p.ndim == 2 else p
+        est = mean_and_se
+    else:
+        def est(v):
+            m, se, ess = recycled_mean_and_se(v, probabilities)
+            return m, se, (v.shape[0] / ess if ess > 0 else float("inf"))
+    return {"phi<0": est((p < 0).astype(float)),
+            f"{basin[0]:g}<phi<{basin[1]:g}": est(((p > basin[0]) & (p < basin[1])).astype(float))}
 
 
 def _mdtraj(positions: np.ndarray, topology):

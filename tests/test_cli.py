@@ -80,6 +80,12 @@ def test_cli_simulate_train_sample(tmp_path, capsys):
                  "--iterations", "9", "--md-steps", "50", "--proposals", "4"]) == 0
     s2 = json.loads((out / "summary.json").read_text())
     assert s2["iterations"] == 9 and s2["n_proposed"] == 36
+    # --recycle: selection in proportion to W, and estimates over every point the moves weighed
+    assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(tmp_path / "rb"),
+                 "--iterations", "4", "--md-steps", "50", "--proposals", "4", "--recycle"]) == 0
+    r = json.loads((tmp_path / "rb" / "summary.json").read_text())["recycled"]
+    assert set(r["populations"]) == {"phi<0", "0<phi<2.5"} and r["mean_reduced_energy"][1] >= 0
+    assert 0.0 <= r["populations"]["phi<0"]["mean"] <= 1.0 and r["effective_samples_energy"] > 0
 
 
 def test_train_resume_is_identical(tmp_path):
@@ -178,4 +184,6 @@ def test_demo_command_runs_clean_and_writes_its_outputs(tmp_path):
     for f in ("ramachandran.png", "energies.png", "acceptance.png", "summary.json"):
         assert (tmp_path / "demo" / f).stat().st_size > 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary  # written completely (json parses)
+    hybrid = summary["runs"]["hybrid MD + FP"]  # written completely (json parses), every proposal counted
+    assert hybrid["estimate"] == "recycled" and set(hybrid["chain"]) == {"phi<0", "0<phi<2.5"}
+    assert "chain alone" in out.stdout
