@@ -108,7 +108,7 @@ def _run(args) -> int:
     for label, r in runs.items():
         phi, psi = backbone_dihedrals(r.positions, ms.topology)
         chain = phi_populations(phi)
-        pops = chain if r.candidate_positions is None else _recycled_populations(r, ms.topology)
+        pops = chain if r.candidate_positions is None else r.recycled_phi_populations(ms.topology)
         (m0, s0, _), (m1, s1, g1) = pops["phi<0"], pops["0<phi<2.5"]
         ns = len(r) * args.md_steps * 1e-6
         acc = "-" if math.isnan(r.acceptance) else f"{r.acceptance:.3f}"
@@ -146,15 +146,6 @@ def _run(args) -> int:
     write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"Plots: {args.out}/ramachandran.png, energies.png, acceptance.png; total {time.time() - t0:.0f} s")
     return 0
-
-
-def _recycled_populations(r, topology) -> dict:
-    """Rao-Blackwellized basin populations (mean, SE, g) over every point the flow move weighed."""
-    from openmm_flowpert.analysis import backbone_dihedrals, phi_populations
-
-    shape = r.candidate_positions.shape  # (iterations, n + 1, N, 3) nm
-    phi = backbone_dihedrals(r.candidate_positions.reshape(-1, *shape[2:]), topology)[0][:, 0]
-    return phi_populations(phi.reshape(shape[:2]), probabilities=r.candidate_probabilities)
 
 
 def run_gmm(args) -> int:

@@ -165,16 +165,13 @@ def write_outputs(out: str, ms, temperature: float, positions, energies, accepte
 
 def _recycled(res, topology, with_phi: bool) -> dict:
     """Rao-Blackwellized mean reduced energy (kT) and, for a dipeptide, phi populations."""
-    from ..analysis import backbone_dihedrals, phi_populations, recycled_mean_and_se
+    from ..analysis import recycled_mean_and_se
 
     m, se, ess = recycled_mean_and_se(res.candidate_energies, res.candidate_probabilities)
     out = {"mean_reduced_energy": [m, se], "effective_samples_energy": ess}
     if with_phi:
-        shape = res.candidate_positions.shape  # (iterations, n + 1, N, 3) nm
-        phi = backbone_dihedrals(res.candidate_positions.reshape(-1, *shape[2:]), topology)[0][:, 0]
-        out["populations"] = {k: {"mean": v[0], "se": v[1], "g": v[2]} for k, v in
-                              phi_populations(phi.reshape(shape[:2]),
-                                              probabilities=res.candidate_probabilities).items()}
+        out["populations"] = {k: {"mean": v[0], "se": v[1], "g": v[2]}
+                              for k, v in res.recycled_phi_populations(topology).items()}
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +66,19 @@ class HybridResult:
         shape = self.candidate_positions.shape
         values = np.asarray(observable(self.candidate_positions.reshape(-1, *shape[2:]).astype(np.float64)))
         return recycled_mean_and_se(values.reshape(shape[:2]), self.candidate_probabilities)
+
+    def recycled_phi_populations(self, topology) -> Dict[str, Tuple[float, float, float]]:
+        """Rao-Blackwellized populations (mean, SE, g) of phi < 0 and 0 < phi < 2.5 rad (the first
+        residue's phi) over every point the flow move weighed, as
+        :func:`~openmm_flowpert.analysis.phi_populations` with the draw probabilities (g =
+        n_iterations / ESS). Needs ``run_hybrid(..., record_candidates=True)``."""
+        from ..analysis import backbone_dihedrals, phi_populations
+
+        if self.candidate_positions is None:
+            raise ValueError("this run recorded no candidates: run_hybrid(..., record_candidates=True)")
+        shape = self.candidate_positions.shape  # (iterations, n + 1, N, 3) nm
+        phi = backbone_dihedrals(self.candidate_positions.reshape(-1, *shape[2:]), topology)[0][:, 0]
+        return phi_populations(phi.reshape(shape[:2]), probabilities=self.candidate_probabilities)
 
 
 def _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed,
