@@ -107,11 +107,33 @@ def test_run_replica_exchange_resumes_and_refuses_other_settings(ala, ala_flow, 
     assert resumed.positions[0].shape == (4, 22, 3)
     np.testing.assert_array_equal(resumed.positions[0][:2], first.positions[0])
     assert resumed.move_statistics["n_proposed"] == 4 * 3
-    for change in ({"seed": 5}, {"md_steps": 11}, {"flow": None}):
+    for change in ({"seed": 5}, {"md_steps": 11}, {"flow": None}, {"selection": "weights"}):
         with pytest.raises(ValueError, match="other settings"):
             run_replica_exchange(ala.system, x0, temps, 5, storage, **{**kw, **change})
     with pytest.raises(ValueError, match="other settings"):
         run_replica_exchange(ala.system, x0, temps[:2], 5, storage, **kw)
+
+
+def test_run_replica_exchange_with_weighted_selection(ala, ala_flow, tmp_path):
+    """selection="weights" reaches every replica's flow move, is stored with the run (so a resume
+    keeps it, bit for bit) and a resume with the Metropolis rule is refused."""
+    from openmm_flowpert.samplers.replica_exchange import _flow_move, run_replica_exchange
+
+    x0 = np.asarray(ala.positions.value_in_unit(unit.nanometer))
+    storage = str(tmp_path / "rex.nc")
+    kw = dict(flow=ala_flow.path, md_steps=10, n_proposals=3, seed=4, progress=False, selection="weights")
+    first = run_replica_exchange(ala.system, x0, [300.0, 330.0], 2, storage, **kw)
+    reporter = multistate.MultiStateReporter(storage, open_mode="r")
+    try:
+        sampler = multistate.ParallelTemperingSampler.from_storage(reporter)
+        assert _flow_move(sampler).selection == "weights"
+    finally:
+        reporter.close()
+    assert first.move_statistics["n_proposed"] == 2 * 3
+    resumed = run_replica_exchange(ala.system, x0, [300.0, 330.0], 3, storage, **kw)
+    np.testing.assert_array_equal(resumed.positions[0][:2], first.positions[0])
+    with pytest.raises(ValueError, match="other settings"):
+        run_replica_exchange(ala.system, x0, [300.0, 330.0], 4, storage, **{**kw, "selection": "metropolis"})
 
 
 def test_replica_exchange_redraws_velocities_after_swaps():

@@ -283,9 +283,10 @@ def check_storage(storage: str, system, temperatures, flow=None, **settings) -> 
         return
     defaults = {k: p.default for k, p in inspect.signature(rex.run_replica_exchange).parameters.items()}
     kw = {k: settings.get(k, defaults[k]) for k in ("md_steps", "timestep_fs", "friction", "n_proposals",
-                                                    "estimator", "prior_scale", "seed")}
+                                                    "estimator", "prior_scale", "seed", "selection")}
     config = make_config(system, [float(t) for t in temperatures], flow, kw["md_steps"], kw["timestep_fs"],
-                         kw["friction"], kw["n_proposals"], kw["estimator"], kw["prior_scale"], kw["seed"])
+                         kw["friction"], kw["n_proposals"], kw["estimator"], kw["prior_scale"], kw["seed"],
+                         kw["selection"])
     from openmmtools import multistate
 
     try:

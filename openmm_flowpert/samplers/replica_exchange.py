@@ -72,7 +72,7 @@ class ReplicaExchangeResult:
 
 
 def _config(system, temperatures, flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale,
-            seed) -> dict:
+            seed, selection: str = "metropolis") -> dict:
     from ..perturbed_flow import PerturbedFlow, file_checksum
 
     flow_id = None
@@ -83,7 +83,9 @@ def _config(system, temperatures, flow, md_steps, timestep_fs, friction, n_propo
             "flow_sha256": flow_id, "md_steps": int(md_steps), "timestep_fs": float(timestep_fs),
             "friction_per_ps": float(friction), "n_proposals": int(n_proposals) if flow is not None else 0,
             "estimator": estimator if flow is not None else None,
-            "prior_scale": None if flow is None or prior_scale is None else str(prior_scale), "seed": int(seed)}
+            "prior_scale": None if flow is None or prior_scale is None else str(prior_scale), "seed": int(seed),
+            # newer settings enter only when not the default, so older storage still resumes
+            **({"selection": selection} if flow is not None and selection != "metropolis" else {})}
 
 
 def _check_resume(reporter, storage: str, config: dict) -> None:
@@ -94,7 +96,8 @@ def _check_resume(reporter, storage: str, config: dict) -> None:
     require_same_run(storage, "replica-exchange", config, stored.get("kind"), stored.get("config"))
 
 
-def _moves(flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale, seed, device):
+def _moves(flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale, seed, device,
+           selection="metropolis"):
     from openmm import unit
     from openmmtools import mcmc
 
@@ -109,7 +112,7 @@ def _moves(flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_
                                         reassign_velocities=True)]
     if flow is not None:
         moves.append(FlowPerturbationMove(flow, n_proposals=n_proposals, estimator=estimator, prior_scale=prior_scale,
-                                          seed=seed, reassign_velocities=False, device=device))
+                                          seed=seed, reassign_velocities=False, device=device, selection=selection))
     return mcmc.SequenceMove(moves)
 
 
@@ -167,7 +170,8 @@ def run_replica_exchange(system, positions, temperatures: Sequence[float], n_ite
                          prior_scale: Union[None, float, str] = "sqrt(T/T0)", seed: int = 0,
                          device: Optional[str] = None, platform: Optional[str] = None, discard: int = 0,
                          read_states: Sequence[int] = (0,), progress: bool = True,
-                         desc: str = "replica exchange") -> Optional[ReplicaExchangeResult]:
+                         desc: str = "replica exchange", selection: str = "metropolis"
+                         ) -> Optional[ReplicaExchangeResult]:
     """Run (or resume) temperature replica exchange in openmmtools, with or without flow moves.
 
     Parameters
@@ -190,6 +194,11 @@ def run_replica_exchange(system, positions, temperatures: Sequence[float], n_ite
         Langevin steps per iteration, their time step (fs) and friction (1/ps).
     n_proposals, estimator, prior_scale, device : flow-move settings
         (:class:`~openmm_flowpert.FlowPerturbationMove`; ``prior_scale`` defaults to ``"sqrt(T/T0)"``).
+    selection : {"metropolis", "weights"}
+        The flow moves' rule (:class:`~openmm_flowpert.FlowPerturbationMove`): ``"weights"`` draws
+        each replica's next state once among its current one and the proposals in proportion to W,
+        with at most one domain test per apply (docs/benchmarks.md section 5: 0.55x the cost of an
+        apply at 16 proposals, 0.36x at 64).
     platform : str, optional
         OpenMM platform of the MD and the exchange energies (default: the energy layer's choice,
         Reference below 50 atoms, GPU platforms first).
@@ -211,10 +220,11 @@ def run_replica_exchange(system, positions, temperatures: Sequence[float], n_ite
         raise ValueError(f"temperatures must be positive (K), got {temps}")
     if int(n_iterations) < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
-    config = _config(system, temps, flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale, seed)
+    config = _config(system, temps, flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale, seed,
+                     selection)
     sampler, reporter = _open(storage, system, positions, temps, n_iterations, config,
                               lambda: _moves(flow, md_steps, timestep_fs, friction, n_proposals, estimator,
-                                             prior_scale, seed, device))
+                                             prior_scale, seed, device, selection))
     _set_platform(sampler, system.getNumParticles(), platform)
     comm = mpi_comm()
     root = comm is None or comm.rank == 0
