@@ -28,8 +28,8 @@ Errors: within a run from g, across runs and seeds from their spread; the larger
 the reported error squared, per second (it charges a sampler for runs that disagree beyond their
 own error bars; for the basin the variance is the reference's p (1 - p)), and the last column is
 its ratio to replica exchange. Neither catches a sampler whose runs all miss the basin alike (short
-replica-exchange runs from one start): compare the estimates with the reference first. The population's reference is
-1.06 +- 0.28 % (docs/benchmarks.md section 6).
+replica-exchange runs from one start): compare the estimates with the reference first. The
+population's reference is 1.06 +- 0.28 % (docs/benchmarks.md section 6).
 
 usage: python benchmarks/vs_replica_exchange.py [--seconds 60] [--seeds 1] [--samplers re,md,hybrid,...]
        [--flow FILE] [--ladder-flow FILE] [--rb-proposals 64] [--md-steps 500]
@@ -95,13 +95,14 @@ def _run_hybrid(ms, flow_path, seed, seconds, kind, opts) -> dict:
     r = run_hybrid(ms.system, ms.positions, 300.0, flow, seconds=seconds, md_steps=md_steps, seed=seed,
                    progress=False, **kw)
     wall = time.perf_counter() - t0
-    out = _series(r.positions, r.reduced_energies, ms.topology)
     if rb:  # every point each apply weighed, with the law of its draw
         shape = r.candidate_probabilities.shape
         cand = _series(r.candidate_positions.reshape(-1, *r.candidate_positions.shape[2:]),
                        r.candidate_energies.reshape(-1), ms.topology)
         out = {k: v.reshape(shape) for k, v in cand.items()}
         out["probabilities"] = r.candidate_probabilities
+    else:
+        out = _series(r.positions, r.reduced_energies, ms.topology)
     out.update(wall=wall, iterations=len(r), acceptance=r.acceptance)
     return out
 

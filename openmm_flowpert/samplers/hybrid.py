@@ -61,11 +61,8 @@ class HybridResult:
         positions (B, N, 3) nm to values (B,). Needs ``run_hybrid(..., record_candidates=True)``."""
         from ..analysis import recycled_mean_and_se
 
-        if self.candidate_positions is None:
-            raise ValueError("this run recorded no candidates: run_hybrid(..., record_candidates=True)")
-        shape = self.candidate_positions.shape
-        values = np.asarray(observable(self.candidate_positions.reshape(-1, *shape[2:]).astype(np.float64)))
-        return recycled_mean_and_se(values.reshape(shape[:2]), self.candidate_probabilities)
+        values = np.asarray(observable(self._flat_candidates().astype(np.float64)))
+        return recycled_mean_and_se(values.reshape(self.candidate_probabilities.shape), self.candidate_probabilities)
 
     def recycled_phi_populations(self, topology) -> Dict[str, Tuple[float, float, float]]:
         """Rao-Blackwellized populations (mean, SE, g) of phi < 0 and 0 < phi < 2.5 rad (the first
@@ -74,11 +71,15 @@ class HybridResult:
         n_iterations / ESS). Needs ``run_hybrid(..., record_candidates=True)``."""
         from ..analysis import backbone_dihedrals, phi_populations
 
+        phi = backbone_dihedrals(self._flat_candidates(), topology)[0][:, 0]
+        return phi_populations(phi.reshape(self.candidate_probabilities.shape),
+                               probabilities=self.candidate_probabilities)
+
+    def _flat_candidates(self) -> np.ndarray:
+        """Every recorded point, (n_iterations * (n + 1), N, 3) nm, in row order of the probabilities."""
         if self.candidate_positions is None:
             raise ValueError("this run recorded no candidates: run_hybrid(..., record_candidates=True)")
-        shape = self.candidate_positions.shape  # (iterations, n + 1, N, 3) nm
-        phi = backbone_dihedrals(self.candidate_positions.reshape(-1, *shape[2:]), topology)[0][:, 0]
-        return phi_populations(phi.reshape(shape[:2]), probabilities=self.candidate_probabilities)
+        return self.candidate_positions.reshape(-1, *self.candidate_positions.shape[2:])
 
 
 def _config(system, temperature, flow, md_steps, n_proposals, estimator, timestep_fs, friction, seed,
