@@ -8,7 +8,7 @@ import openmm
 from openmm import unit
 from openmmtools import testsystems
 
-from openmm_flowpert.energies import (ReducedPotential, check_system, default_n_workers,
+from openmm_flowpert.energies import (ReducedPotential, check_system, default_n_workers, energy_system,
                                       is_translation_invariant, kT_kJ_per_mol, platform_candidates,
                                       translation_invariance_by_force_types)
 
@@ -92,6 +92,43 @@ def test_pickle_and_thermodynamic_state(ala, configs):
         assert ui == pytest.approx(state.reduced_potential(ctx), rel=1e-12)
     rp2 = pickle.loads(pickle.dumps(rp))
     np.testing.assert_array_equal(rp2(configs[:3]), u)
+
+
+def _langevin_positions(ala, between) -> np.ndarray:
+    """Positions (nm) after 2 x 20 seeded Reference Langevin steps with ``between()`` run in between."""
+    integrator = openmm.LangevinMiddleIntegrator(T, 1.0 / unit.picosecond, 0.001 * unit.picosecond)
+    integrator.setRandomNumberSeed(11)
+    ctx = openmm.Context(ala.system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(ala.positions)
+    ctx.setVelocitiesToTemperature(T, 5)
+    integrator.step(20)
+    between()
+    integrator.step(20)
+    return ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+
+
+def test_energy_contexts_leave_the_langevin_noise_alone(ala, configs):
+    """openmmtools' NVT ``ThermodynamicState.system`` carries an AndersenThermostat (seed 0); a
+    Reference context holding it reseeds OpenMM's process-wide generator from the clock, which
+    made hybrid and replica-exchange runs with flow moves unrepeatable. Energy contexts drop it;
+    the control (a context that keeps it) does change the trajectory."""
+    from openmmtools.states import ThermodynamicState
+    system = ThermodynamicState(ala.system, T).system
+    assert any(isinstance(f, openmm.AndersenThermostat) for f in system.getForces())
+    reference = _langevin_positions(ala, lambda: None)
+
+    def energies():
+        ReducedPotential(system, T, platform="Reference", n_workers=1)(configs[:2])
+        check_system(system, translation_invariant_required=True, rotation_invariant_required=True,
+                     positions=configs[0])
+
+    np.testing.assert_array_equal(_langevin_positions(ala, energies), reference)
+    assert not any(isinstance(f, openmm.AndersenThermostat) for f in energy_system(system).getForces())
+
+    def thermostat_context():  # negative control
+        openmm.Context(system, openmm.VerletIntegrator(1.0), openmm.Platform.getPlatformByName("Reference"))
+
+    assert not np.array_equal(_langevin_positions(ala, thermostat_context), reference)
 
 
 def test_automatic_platform(ala, configs):

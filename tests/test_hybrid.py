@@ -240,3 +240,24 @@ def test_run_hybrid_records_each_applys_points_and_draw_law(tmp_path):
     with pytest.raises(ValueError, match="selection='weights'"):
         run_hybrid(ms.system, ms.positions, 300.0, bundled_flow("alanine-dipeptide"), n_iterations=1,
                    record_candidates=True, progress=False)
+
+
+
+def test_run_hybrid_with_flow_moves_repeats_bit_for_bit_in_another_process(tmp_path):
+    """The same seeded hybrid run in this process and in a fresh one gives the same trajectory bit for
+    bit (it did not while the flow move's energy contexts reseeded OpenMM's process-wide generator:
+    every MD segment after the first flow move then differed between processes)."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "hybrid_run.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "x.npy")], check=True, capture_output=True, timeout=600)
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        import hybrid_run
+    finally:
+        sys.path.pop(0)
+    here = hybrid_run.positions()
+    assert here.shape == (4, 22, 3)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), here)

@@ -145,12 +145,13 @@ def translation_invariance_by_force_types(system: openmm.System) -> Optional[boo
 def _energy_unchanged(system: openmm.System, positions, moves, rtol: float, atol: float) -> bool:
     """Energy (Reference, kJ/mol) at one configuration against the energies after rigid ``moves``
     (functions of an (N, 3) array); True if every change is at most atol + rtol * max(|U|, 1)."""
-    from .reduced_potential import as_positions_array
+    from .reduced_potential import as_positions_array, energy_system
     x = as_positions_array(positions, system.getNumParticles())
     if x.shape[0] != 1:
         raise ValueError(f"positions must be one configuration (N, 3), got {x.shape[0]}")
     x = x[0]
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0), openmm.Platform.getPlatformByName("Reference"))
+    ctx = openmm.Context(energy_system(system), openmm.VerletIntegrator(1.0),
+                         openmm.Platform.getPlatformByName("Reference"))
 
     def energy(p):
         ctx.setPositions(p)

@@ -12,7 +12,7 @@ from openmm import unit
 
 from .platforms import default_n_workers, platform_candidates, usable_cpus
 
-__all__ = ["ReducedPotential", "as_positions_array", "kT_kJ_per_mol"]
+__all__ = ["ReducedPotential", "as_positions_array", "energy_system", "kT_kJ_per_mol"]
 
 _R = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 
@@ -26,6 +26,21 @@ def _kelvin(temperature) -> float:
 def kT_kJ_per_mol(temperature) -> float:
     """kT = R T in kJ/mol for a temperature (openmm Quantity, or float in K)."""
     return _R * _kelvin(temperature)
+
+
+def energy_system(system: openmm.System) -> openmm.System:
+    """A copy of ``system`` without its thermostats, for contexts that only evaluate energies.
+
+    An ``AndersenThermostat`` adds no energy, but creating a context that holds one reseeds
+    OpenMM's process-wide random generator on the Reference platform (from the clock when its seed
+    is 0, as in the systems of openmmtools' NVT ``ThermodynamicState.system``), which the Langevin
+    integrators of the same process draw from: MD after such a context could not be repeated.
+    """
+    out = copy.deepcopy(system)
+    for i in reversed(range(out.getNumForces())):
+        if isinstance(out.getForce(i), openmm.AndersenThermostat):
+            out.removeForce(i)
+    return out
 
 
 def as_positions_array(positions, n_atoms: int) -> np.ndarray:
@@ -55,8 +70,9 @@ class ReducedPotential:
     Parameters
     ----------
     system : openmm.System
-        The system (copied). Validate it for flow moves with :func:`check_system`; this class
-        evaluates energies of any system (periodic ones at their default box).
+        The system (copied, without thermostats: :func:`energy_system`). Validate it for flow moves
+        with :func:`check_system`; this class evaluates energies of any system (periodic ones at
+        their default box).
     temperature : openmm Quantity or float
         Temperature (float: K). kT = MOLAR_GAS_CONSTANT_R * T.
     platform : str or openmm.Platform, optional
@@ -86,7 +102,7 @@ class ReducedPotential:
     def __init__(self, system: openmm.System, temperature,
                  platform: Union[None, str, openmm.Platform] = None, n_workers: Optional[int] = None,
                  platform_properties: Optional[Dict[str, str]] = None):
-        self._setup(copy.deepcopy(system), _kelvin(temperature),
+        self._setup(energy_system(system), _kelvin(temperature),
                     None if platform is None else platform_candidates(0, platform)[0],
                     n_workers, platform_properties)
 
