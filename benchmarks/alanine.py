@@ -181,8 +181,8 @@ def cmd_refine(args):
 
 
 def kish(log_w: np.ndarray) -> float:
-    w = np.exp(log_w - log_w.max())
-    return float(w.sum() ** 2 / (w ** 2).sum() / len(w))
+    from openmm_flowpert.training.importance import kish_fraction
+    return kish_fraction(log_w)
 
 
 def is_estimate(log_w: np.ndarray, f: np.ndarray):
@@ -273,12 +273,15 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
             x0_pool: np.ndarray, batch: int = 250, prior_scale=None) -> dict:
     """The flow-quality figures of the ablation table (docs/benchmarks.md section 6).
 
-    Kish ESS of ``n_exact`` proposals with exact log-dets (bootstrap SE), their median reduced energy
+    Kish ESS of ``n_exact`` proposals with exact log-dets (bootstrap SE) and the Pareto k of their
+    weights' tail (k >= 0.5: Kish's estimate and its bootstrap SE are unreliable), their median reduced energy
     (kT), the negative log-likelihood of held-out frames ``heldout`` (n, N, 3) nm with exact log-dets
     (nats, orientation included: log q of the Haar-rotated proposal density on the mean-free
     subspace), and fp++ independence-Metropolis acceptance of ``chains`` chains x ``iters`` proposals
     started from frames of ``x0_pool``.
     """
+    from openmm_flowpert.analysis import pareto_khat
+
     noise = fp.Noise(seed)
     t0 = time.time()
     lw, us = [], []
@@ -293,6 +296,7 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
     ok = np.isfinite(lw)
     out = {"n_exact": int(n_exact), "kish_ess_exact_pct": 100 * kish(np.where(ok, lw, -np.inf)),
            "kish_ess_exact_se_pct": 100 * bootstrap_kish(np.where(ok, lw, -np.inf)),
+           "pareto_khat_exact": pareto_khat(lw[ok]),
            "proposal_median_u": float(np.median(us)), "time_exact_s": time.time() - t0}
     t0 = time.time()
     nll = []

@@ -3,6 +3,7 @@
     python benchmarks/gmm_smc.py --dim 10   --walkers 1000 --steps 500
     python benchmarks/gmm_smc.py --dim 1000 --walkers 256  --steps 200 --hidden 256 --epochs 15
     python benchmarks/gmm_smc.py --dim 100  --walkers 256  --steps 50 --exact-field --flow-steps 32
+    python benchmarks/gmm_smc.py --dim 1000 --exact-field --flow-steps 64 --importance 256
 
 Trains a flow on exact samples drawn 50/50 from the two wells (so reweighting must recover
 1/4 : 3/4), or with ``--exact-field`` uses the exact flow-matching field of that 50/50 mixture
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import cpu_name  # noqa: E402
 
+from openmm_flowpert.analysis import pareto_khat  # noqa: E402
 from openmm_flowpert.testsystems import GaussianMixtureField, GaussianMixtureTarget  # noqa: E402
 
 
@@ -35,6 +37,31 @@ def time_weights(flow, estimator, n_probes, n, seed=0):
     t0 = time.perf_counter()
     flow.propose(n, noise, estimator=estimator, n_probes=n_probes)
     return (time.perf_counter() - t0) / n
+
+
+def importance(flow, gmm, estimator, n_probes, n, exact_inverse, seed=0, chunk=16):
+    """n proposals of one estimator: var log W (finite ones), their share, the self-normalized
+    importance estimates of P(x0 < 0) and <u> with delta-method SEs, Kish ESS, seconds per weight."""
+    noise = fp.Noise(seed)
+    x0, u, lq, t0 = [], [], [], time.perf_counter()
+    for _ in range(0, n, chunk):
+        p = flow.propose(chunk, noise, estimator=estimator, n_probes=n_probes, exact_inverse=exact_inverse)
+        x0.append(p.x[:, 0]), u.append(gmm.energy(p.x)), lq.append(p.log_q)
+    per = (time.perf_counter() - t0) / (len(lq) * chunk)
+    x0, u, lq = torch.cat(x0).numpy(), torch.cat(u).numpy(), torch.cat(lq).numpy()
+    lw = -u - lq
+    ok = np.isfinite(lw)
+    w = np.exp(lw[ok] - lw[ok].max())
+    w /= w.sum()
+
+    def est(f):
+        m = float((w * f).sum())
+        return [m, float(np.sqrt((w ** 2 * (f - m) ** 2).sum()))]
+
+    return {"seconds_per_weight": per, "n": int(len(lw)), "finite": float(ok.mean()),
+            "var_log_w": float(lw[ok].var(ddof=1)), "kish_ess": float(1.0 / (w ** 2).sum() / len(lw)),
+            "pareto_khat": pareto_khat(lw[ok]) if ok.sum() >= 25 else None,
+            "fraction_left": est((x0[ok] < 0).astype(float)), "mean_u": est(u[ok])}
 
 
 def main():
@@ -56,6 +83,10 @@ def main():
     p.add_argument("--max-seconds", type=float, default=1800.0, help="skip the SMC of a method predicted slower")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="independent SMC runs per method (seeds seed, seed+1, ...)")
+    p.add_argument("--importance", type=int, default=0, metavar="N",
+                   help="instead of SMC: N independent proposals per method, their var log W, finite share, "
+                        "importance estimates and Kish ESS (the estimators compared at equal sample count)")
+    p.add_argument("--fast-inverse", action="store_true", help="exact_inverse=False for the proposals")
     p.add_argument("--json")
     args = p.parse_args()
     if args.flow_steps is None:
@@ -76,6 +107,11 @@ def main():
     for m in args.methods.split(","):
         est, _, n_pr = m.partition(":")
         n_pr = int(n_pr or 1)
+        if args.importance:
+            n = min(args.importance, 32) if est == "jacobian" and args.dim > 100 else args.importance
+            out["methods"][m] = row = importance(flow, gmm, est, n_pr, n, not args.fast_inverse, args.seed)
+            print(m, json.dumps(row), flush=True)
+            continue
         per = time_weights(flow, est, n_pr, 8 if est == "jacobian" and args.dim > 100 else 64)
         predicted = per * args.walkers * (args.sweeps * args.steps + 1)
         row = {"seconds_per_weight": per, "predicted_smc_s": predicted}
