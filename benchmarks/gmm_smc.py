@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import cpu_name  # noqa: E402
 
-from openmm_flowpert.analysis import pareto_khat  # noqa: E402
+from openmm_flowpert.analysis import pareto_khat, weighted_mean_and_se  # noqa: E402
 from openmm_flowpert.testsystems import GaussianMixtureField, GaussianMixtureTarget  # noqa: E402
+from openmm_flowpert.training.importance import kish_fraction  # noqa: E402
 
 
 def time_weights(flow, estimator, n_probes, n, seed=0):
@@ -52,16 +53,11 @@ def importance(flow, gmm, estimator, n_probes, n, exact_inverse, seed=0, chunk=1
     lw = -u - lq
     ok = np.isfinite(lw)
     w = np.exp(lw[ok] - lw[ok].max())
-    w /= w.sum()
-
-    def est(f):
-        m = float((w * f).sum())
-        return [m, float(np.sqrt((w ** 2 * (f - m) ** 2).sum()))]
-
     return {"seconds_per_weight": per, "n": int(len(lw)), "finite": float(ok.mean()),
-            "var_log_w": float(lw[ok].var(ddof=1)), "kish_ess": float(1.0 / (w ** 2).sum() / len(lw)),
+            "var_log_w": float(lw[ok].var(ddof=1)), "kish_ess": kish_fraction(lw),
             "pareto_khat": pareto_khat(lw[ok]) if ok.sum() >= 25 else None,
-            "fraction_left": est((x0[ok] < 0).astype(float)), "mean_u": est(u[ok])}
+            "fraction_left": list(weighted_mean_and_se((x0[ok] < 0).astype(float), w)),
+            "mean_u": list(weighted_mean_and_se(u[ok], w))}
 
 
 def main():
