@@ -177,7 +177,9 @@ class PerturbedFlow:
         if transform is None:
             transform = identity_transform(cnf.dim, n_particles)
         layout = transform.flow_layout(cnf.dim, n_particles)
-        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=layout["x_dim"]))
+        periodic = transform.periodic()
+        module = torch.jit.script(PerturbedFlowModule(cnf, transform.double(), x_dim=layout["x_dim"],
+                                                      periodic=periodic))
         if "n_atoms" in layout:
             n_atoms = layout["n_atoms"]
         rec = FlowMetadata(
@@ -187,7 +189,8 @@ class PerturbedFlow:
             n_steps=cnf.n_steps, times=[float(t) for t in times], temperature=temperature,
             coordinates=layout["coordinates"], inverse_memory=cnf.inverse_memory, code=compiled_code_fingerprint(),
             orientation=layout.get("orientation"), frame=layout.get("frame"), zmatrix=layout.get("zmatrix"),
-            velocity=velocity_config(velocity), transform=transform.spec(), noise_backend=_noise.backend())
+            velocity=velocity_config(velocity), transform=transform.spec(), noise_backend=_noise.backend(),
+            periodic=list(periodic) or None)
         meta = rec.to_json()
         meta.update(extra or {})
         return cls(module, meta)
@@ -211,7 +214,8 @@ class PerturbedFlow:
         try:
             spec = self.info.velocity or guess_velocity_config(vel_sd)
             velocity = velocity_from_state(spec, vel_sd).double()
-            velocity.load_state_dict(with_condition(vel_sd, velocity.n_cond))  # float64: no weight via float32
+            # float64: no weight goes through float32
+            velocity.load_state_dict(with_condition(vel_sd, velocity.n_cond, velocity.periodic))
         except (KeyError, RuntimeError) as exc:
             raise ValueError("this flow's velocity field is not a VelocityMLP, so it cannot be re-compiled "
                              "from its file; build it again from its Python module with "
@@ -372,10 +376,39 @@ class PerturbedFlow:
             raise ValueError(f"prior_scale must be positive, got {s}")
         return exact, s
 
+    @property
+    def periodic(self) -> list:
+        """Latent coordinates that are angles on the circle (uniform prior); empty for most flows."""
+        return list(self.metadata.get("periodic") or [])
+
     def latent(self, w: torch.Tensor, prior_scale: Optional[float] = None) -> torch.Tensor:
-        """z = s P w: the latent for an unprojected standard-normal state w (B, D)."""
+        """z = s P w: the latent for an unprojected standard-normal state w (B, D); angle
+        coordinates (:attr:`periodic`) get z = 2 pi Phi(w) - pi, uniform on the circle."""
         s = self.prior_scale if prior_scale is None else float(prior_scale)
-        return s * _noise.project_mean_free(w, self._latent_mean_free_atoms)
+        z = s * _noise.project_mean_free(w, self._latent_mean_free_atoms)
+        per = self.periodic
+        if per:
+            z[:, per] = 2.0 * math.pi * torch.special.ndtr(w[:, per]) - math.pi
+        return z
+
+    def _standard_normal_state(self, z: torch.Tensor, s: float) -> torch.Tensor:
+        """The inverse of :meth:`latent` on the latent subspace: w = z / s, and
+        w = Phi^-1((z + pi) / (2 pi)) for angle coordinates (z in [-pi, pi))."""
+        w = z / s
+        per = self.periodic
+        if per:
+            u = ((z[:, per] + math.pi) / (2.0 * math.pi)).clamp(1e-300, 1.0 - 1e-16)
+            w[:, per] = torch.special.ndtri(u)
+        return w
+
+    def wrap_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D) with the angle coordinates wrapped into [-pi, pi) (e.g. a difference of latents)."""
+        per = self.periodic
+        if not per:
+            return z
+        z = z.clone()
+        z[:, per] = torch.remainder(z[:, per] + math.pi, 2.0 * math.pi) - math.pi
+        return z
 
     # -- sampling and estimates --------------------------------------------------------------------
     def n_probe_sets(self, estimator: str, n_probes: int = 1) -> int:
@@ -442,7 +475,7 @@ class PerturbedFlow:
              else torch.zeros(B, 0, D, dtype=torch.float64))
         with _plain_execution():
             z, u, log_q = self._call("refresh", xf, g, estimator, True, s)
-        w = z / s + self._complement(noise, B, 0)
+        w = self._standard_normal_state(z, s) + self._complement(noise, B, 0)
         if P > 0 and estimator in ("fp", "fp++"):
             r = noise.chi(B * P, self.d, device=dev).cpu().reshape(B, P, 1)
             eps = r * u + self._complement(noise, B, P)

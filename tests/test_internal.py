@@ -346,11 +346,17 @@ def test_marginal_log_det_matches_autograd(ala, ala_marginal):
     of the map (y, omega) -> x on the mean-free subspace, as for NormalizedInternal."""
     ic, x0, n = ala
     tr, data = ala_marginal
+    y, ld = tr.inverse(data[:3])
+    _assert_log_det_matches_autograd(ic, n, tr, y, ld)
+
+
+def _assert_log_det_matches_autograd(ic, n, tr, y, ld):
+    """The transform's log-det ld (3,) at y (3, 3N - 6) against autograd of the map
+    (y, omega) -> x on the mean-free subspace (the Haar factor of omega taken out)."""
     ones = torch.full((n, n), 1.0 / n, dtype=DT)
     P = torch.eye(3 * n, dtype=DT) - torch.kron(ones, torch.eye(3, dtype=DT))
     w, V = torch.linalg.eigh(P)
     Q = V[:, w > 0.5]
-    y, ld = tr.inverse(data[:3])
     omega = torch.tensor([[0.3, -1.1, 0.7], [2.0, 0.5, -1.0], [0.0, 0.0, 0.1]], dtype=DT)
 
     def full(v):
@@ -382,3 +388,137 @@ def test_marginal_transform_survives_a_flow_file(ala, ala_marginal, tmp_path):
     a, b = flow.propose(8, fp.Noise(1)), back.propose(8, fp.Noise(1))
     assert torch.equal(a.x, b.x) and torch.equal(a.log_q, b.log_q)
     assert torch.equal(back.rescripted().propose(8, fp.Noise(1)).log_q, a.log_q)
+
+
+# -- torsions kept on the circle ("internal-circle") ------------------------------------------------
+from openmm_flowpert.flow import CircularInternal  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["all", "mixed"])
+def ala_circle(request, ala, ala_marginal):
+    """The circle map with the same marginals (the rotor included) as ``ala_marginal``: every
+    torsion on the circle, or every other one (the rest on the line, as "internal-cdf")."""
+    ic, x0, n = ala
+    tr, data = ala_marginal
+    on_circle = torch.ones(n - 3, dtype=torch.bool)
+    if request.param == "mixed":
+        on_circle[1::2] = False
+    mean, std = tr.mean.clone(), tr.std.clone()
+    tm, ts = mean[5::3].clone(), std[5::3].clone()
+    tm[on_circle], ts[on_circle] = 0.0, 1.0
+    mean[5::3], std[5::3] = tm, ts
+    return CircularInternal(ic, mean, std, tr.cut, tr.mass, on_circle), data
+
+
+def test_circle_fit_puts_only_rotating_torsions_on_the_circle(ala):
+    """fit: a torsion spread over the whole circle goes on it, one confined to an arc stays on the
+    line (min_density); "internal-torus" puts both on the circle."""
+    from openmm_flowpert.flow import TorusInternal
+    from openmm_flowpert.flow.molecular import emptiest_bin_density
+
+    ic, x0, n = ala
+    g = torch.Generator().manual_seed(3)
+    data = perturbed(x0, n, 3000, 0.01, g)
+    t = torch.stack([torch.rand(3000, generator=g, dtype=DT) * 2 * math.pi - math.pi,
+                     0.3 * torch.randn(3000, generator=g, dtype=DT)], 1)
+    dens = emptiest_bin_density(t)
+    assert dens[0] > 0.5 and dens[1] == 0
+    assert CircularInternal.fit(ic, data).periodic() == []            # perturbed frames: every torsion confined
+    assert TorusInternal.fit(ic, data).periodic() == list(range(5, 3 * n - 6, 3))
+
+
+def test_circle_map_makes_a_rotor_uniform_on_the_circle(ala_circle):
+    """s = 2 pi F(t) - pi of fresh rotor angles is uniform on [-pi, pi): mean and the fractions
+    in each quarter within 4 SE (n = 20,000)."""
+    tr, _ = ala_circle
+    t = _rotor_angles(20000, 2).unsqueeze(1).expand(-1, tr.cut.numel())
+    s = tr._to_line(t)[0][:, 0]
+    assert bool((s >= -math.pi).all()) and bool((s < math.pi).all())
+    se = 1 / math.sqrt(20000)
+    assert abs(float(s.mean())) < 4 * se * math.pi / math.sqrt(3)
+    for q in range(4):
+        lo = -math.pi + q * math.pi / 2
+        frac = float(((s >= lo) & (s < lo + math.pi / 2)).double().mean())
+        assert abs(frac - 0.25) < 4 * math.sqrt(0.25 * 0.75) * se, (q, frac)
+
+
+def test_circle_round_trip_on_every_branch_and_at_the_seam(ala, ala_circle):
+    """y -> x -> y to 1e-9 (torsions modulo 2 pi) with circle coordinates at -pi, just below pi,
+    at the seam t = cut from both sides and on other branches (s + 2 pi k); the same x and
+    log-det for s and s + 2 pi k; x -> y -> x to 1e-10 on data, with s in [-pi, pi)."""
+    ic, x0, n = ala
+    tr, data = ala_circle
+    assert tr.periodic() == [5 + 3 * j for j in range(n - 3) if bool(tr.on_circle[j])]
+    y, ld = tr.inverse(data[:32])
+    assert bool((y[:, 5::3] >= -math.pi).all()) and bool((y[:, 5::3] < math.pi).all())
+    x, ldf = tr(y)
+    assert (tr.inverse(x)[0] - y).abs().max() < 1e-10 and (ld - ldf).abs().max() < 1e-9
+    y2 = y[:6].clone()
+    circ = [5 + 3 * j for j in range(n - 3) if bool(tr.on_circle[j])]
+    for row, s in enumerate([-math.pi, math.pi - 1e-12, -math.pi + 1e-9, math.pi - 1e-9, 0.0, 3.0]):
+        y2[row, circ] = s
+    x2, ld2 = tr(y2)
+    y3, ld3 = tr.inverse(x2)
+    d = y3 - y2
+    d[:, circ] = wrap(d[:, circ])
+    assert d.abs().max() < 1e-9 and (ld2 - ld3).abs().max() < 1e-8
+    shifted = y2.clone()
+    shifted[:, circ] += 2 * math.pi * torch.tensor([[3.0], [-1.0], [1.0], [-2.0], [5.0], [-7.0]], dtype=DT)
+    x4, ld4 = tr(shifted)
+    assert (x4 - x2).abs().max() < 1e-12 and (ld4 - ld2).abs().max() < 1e-12
+
+
+def test_circle_log_det_matches_autograd(ala, ala_circle):
+    """log |dt/ds| = -log 2 pi - log f(t) and the whole transform's log-det against autograd of
+    (y, omega) -> x on the mean-free subspace, at data points and at s = -pi."""
+    ic, x0, n = ala
+    tr, data = ala_circle
+    y, _ = tr.inverse(data[:3])
+    y[2, tr.periodic()] = -math.pi + 1e-7   # just past the seam, inside the first bin
+    _, ld = tr(y)
+    _assert_log_det_matches_autograd(ic, n, tr, y, ld)
+
+
+def test_circle_transform_refuses_rescaled_torsions(ala, ala_circle):
+    ic, x0, n = ala
+    tr, _ = ala_circle
+    std = tr.std.clone()
+    std[5] = 2.0
+    with pytest.raises(ValueError, match="internal-circle: the mean and std of torsions on the circle must be 0 and 1"):
+        CircularInternal(ic, tr.mean, std, tr.cut, tr.mass, torch.ones(n - 3, dtype=torch.bool))
+
+
+def test_circle_flow_is_a_map_of_the_torus(ala, ala_circle, tmp_path):
+    """A flow in front of the circle map: its velocity is 2 pi-periodic in the torsions, so a latent
+    shifted by 2 pi k gives the same proposal and log q (every estimator, to the finite-difference
+    floor of fp / fp++); the exact inverse
+    returns the latent in [-pi, pi); prior, velocity and metadata survive a flow file bit for bit."""
+    import openmm_flowpert as fp
+    from openmm_flowpert.flow import VelocityMLP, time_grid
+
+    ic, x0, n = ala
+    tr, data = ala_circle
+    torch.manual_seed(0)
+    flow = fp.PerturbedFlow.build(VelocityMLP(3 * n - 6, hidden=16, n_layers=2, periodic=tr.periodic()),
+                                  time_grid(4), tr)
+    assert flow.coordinates == "internal-circle" and flow.periodic == tr.periodic()
+    circ = tr.periodic()
+    z = flow.latent(fp.Noise(2).gaussian(4, flow.dim))
+    assert bool((z[:, circ].abs() < math.pi).all()) and z[:, circ].std() > 1.0   # uniform, not N(0, 1)
+    zs = z.clone()
+    k = torch.randint(-3, 4, zs[:, circ].shape, generator=torch.Generator().manual_seed(1))
+    zs[:, circ] += 2 * math.pi * k.to(DT)
+    for est in ("jacobian", "fp", "fp++"):
+        P = flow.n_probe_sets(est)
+        eps = fp.Noise(3).gaussian(4, flow.dim, sets=P) if P else torch.zeros(4, 0, flow.dim, dtype=DT)
+        xa, la = flow.module.log_q(z, eps, est, True, 1.0)
+        xb, lb = flow.module.log_q(zs, eps, est, True, 1.0)
+        tol = 1e-9 if est == "jacobian" else 1e-6   # fp, fp++: central differences at |z| ~ 20
+        assert (xa - xb).abs().max() < 1e-10 and (la - lb).abs().max() < tol, est
+    back = flow.inverse(flow.module.sample(zs).reshape(4, n, 3))
+    assert (back - z).abs().max() < 1e-9
+    flow.save(str(tmp_path / "c.pt"))
+    again = fp.PerturbedFlow.load(str(tmp_path / "c.pt"))
+    a, b = flow.propose(8, fp.Noise(1)), again.propose(8, fp.Noise(1))
+    assert torch.equal(a.x, b.x) and torch.equal(a.log_q, b.log_q) and again.periodic == flow.periodic
+    assert torch.equal(again.rescripted().propose(8, fp.Noise(1)).log_q, a.log_q)

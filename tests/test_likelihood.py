@@ -4,6 +4,7 @@ The continuous log-likelihood estimate is unbiased (Hutchinson probes against th
 density of the same flow, with a negative control that drops the divergence), and fine-tuning
 raises the held-out likelihood of a flow measured with exact log-dets.
 """
+import copy
 import math
 
 import pytest
@@ -52,6 +53,40 @@ def test_continuous_log_likelihood_matches_the_exact_discrete_density(small_flow
     with torch.enable_grad():
         ll0 = continuous_log_likelihood(velocity, x, small_flow.info.times, zero).detach()
     assert ((ll0 - lq_exact) / se).abs().max() > 4
+
+
+def test_continuous_log_likelihood_of_a_circle_flow():
+    """The same for a flow with torsions on the circle (TorsionChain, "internal-torus"): the
+    uniform prior of the angle coordinates enters the continuous estimate, which equals the
+    discrete map's exact log q(y) = log q(x) + log|det J_T| within 4 SE at every point; with a
+    Gaussian prior on the angles instead, it is off by > 4 SE.
+
+    Measured largest |z| over the 8 points for probe seeds 0-4 (the test uses 0): 2.51 1.06 2.48
+    0.89 1.66; with the Gaussian prior (seeds 0-3): 699 655 707 687.
+    """
+    from openmm_flowpert.testsystems import TorsionChain
+
+    chain = TorsionChain(5)
+    flow = fp.train_flow(chain.sample_training(2000, seed=1), topology=chain.topology, coordinates="internal-torus",
+                         epochs=3, hidden=32, n_layers=2, n_steps=8, progress=False, seed=0)
+    velocity, transform = flow.parts()
+    x = flow.sample(8, seed=1).reshape(8, -1)
+    y, logdet_t = transform.inverse(x)
+    lq_exact = flow.refresh(x.reshape(8, 5, 3), fp.Noise(2), estimator="jacobian").log_q + logdet_t
+    gaussian = copy.deepcopy(velocity)
+    gaussian.periodic = []   # the same field, weighed with a Gaussian prior on the angles
+    g = torch.Generator().manual_seed(0)
+    est, bad = [], []
+    for _ in range(400):
+        e = torch.randn(y.shape, generator=g, dtype=DT)
+        with torch.enable_grad():
+            est.append(continuous_log_likelihood(velocity, y, flow.info.times, e).detach())
+            bad.append(continuous_log_likelihood(gaussian, y, flow.info.times, e).detach())
+    est, bad = torch.stack(est), torch.stack(bad)
+    se = est.std(0) / math.sqrt(est.shape[0])
+    z = (est.mean(0) - lq_exact) / se
+    assert z.abs().max() < 4, z
+    assert ((bad.mean(0) - lq_exact) / (bad.std(0) / math.sqrt(400))).abs().max() > 4
 
 
 def test_fine_tuning_raises_the_heldout_likelihood():

@@ -47,9 +47,18 @@ def chain_flow_cdf(chain):
                          n_steps=8, progress=False, seed=0, **SHORT)
 
 
-@pytest.fixture(scope="module", params=["internal", "internal-cdf"])
-def any_chain_flow(request, chain_flow, chain_flow_cdf):
-    return chain_flow if request.param == "internal" else chain_flow_cdf
+@pytest.fixture(scope="module")
+def chain_flow_circle(chain):
+    """As chain_flow, with every torsion kept on the circle ("internal-torus": periodic velocity,
+    uniform prior on the torsions)."""
+    x = chain.sample_training(8000, seed=1)
+    return fp.train_flow(x, topology=chain.topology, coordinates="internal-torus", epochs=10, hidden=64,
+                         n_layers=2, n_steps=8, progress=False, seed=0, **SHORT)
+
+
+@pytest.fixture(scope="module", params=["internal", "internal-cdf", "internal-torus"])
+def any_chain_flow(request, chain_flow, chain_flow_cdf, chain_flow_circle):
+    return {"internal": chain_flow, "internal-cdf": chain_flow_cdf, "internal-torus": chain_flow_circle}[request.param]
 
 
 def test_chain_reference_and_training_data(chain):
@@ -75,25 +84,30 @@ def _rotvec_matrix(omega):
 
 def test_log_q_equals_brute_force_density(chain, any_chain_flow):
     """log q(x) from the module ("jacobian": exact discrete log-det) equals the density of x under
-    z ~ N(0, I), orientation ~ Haar, computed by autograd through the whole map (z, omega) -> x on
-    the mean-free subspace: log N(z) + log[r(omega) / 8 pi^2] - log|det Q^T dx/d(z, omega)|."""
+    z ~ N(0, I) (uniform on the circle for periodic torsions), orientation ~ Haar, computed by
+    autograd through the whole map (z, omega) -> x on the mean-free subspace:
+    log p_Z(z) + log[r(omega) / 8 pi^2] - log|det Q^T dx/d(z, omega)|."""
     n = 5
     ones = torch.full((n, n), 1.0 / n, dtype=DT)
     P = torch.eye(3 * n, dtype=DT) - torch.kron(ones, torch.eye(3, dtype=DT))
     ev, V = torch.linalg.eigh(P)
     Q = V[:, ev > 0.5]
     w = fp.Noise(3).gaussian(3, any_chain_flow.dim)
+    z = any_chain_flow.latent(w)   # = w, or uniform on the circle for the torsions of "internal-circle"
+    per = any_chain_flow.periodic
+    plain = [i for i in range(any_chain_flow.dim) if i not in per]
     omegas = torch.tensor([[0.4, -0.9, 1.3], [2.2, 0.1, 0.3], [0.05, 0.0, -0.02]], dtype=DT)
     _, log_q = any_chain_flow.evaluate(w, torch.zeros(3, 0, any_chain_flow.dim), estimator="jacobian")
     for b in range(3):
         def full(v):
             xc = any_chain_flow.module.sample(v[:-3][None])[0].reshape(n, 3)
             return (xc @ _rotvec_matrix(v[-3:]).T).reshape(-1)
-        J = jacobian(full, torch.cat([w[b], omegas[b]]))
+        J = jacobian(full, torch.cat([z[b], omegas[b]]))
         sign, logdet = torch.linalg.slogdet(Q.T @ J)
         th = float(omegas[b].norm())
         log_haar = math.log(2 * (1 - math.cos(th)) / th ** 2) - math.log(8 * math.pi ** 2)
-        log_n = -0.5 * float(w[b] @ w[b]) - 0.5 * any_chain_flow.dim * math.log(2 * math.pi)
+        zp = z[b, plain]
+        log_n = -0.5 * float(zp @ zp) - 0.5 * len(plain) * math.log(2 * math.pi) - len(per) * math.log(2 * math.pi)
         assert sign != 0
         assert abs(log_n + log_haar - logdet.item() - log_q[b].item()) < 1e-6
 
@@ -109,24 +123,26 @@ def test_refresh_is_consistent_through_the_composition(chain, any_chain_flow, es
     assert (lq - cur.log_q).abs().max() < 1e-6
 
 
-def _trans_chains(chain, flow, n_chains=256, n_iter=100, burn=25, seed=11):
+def _trans_chains(chain, flow, n_chains=256, n_iter=100, burn=25, seed=11, control=None):
     """Independence fp++ Metropolis with exact log W and, on the same proposals and uniforms, the
-    negative control whose log q omits the Jacobian of the torsions' map to the line (tanh map:
-    log pi (1 - s^2) per torsion; marginal map: log phi(v) - log f(t))."""
+    negative control whose log W is off by ``control(proposal)`` (default: log q omits the
+    Jacobian of the torsions' map to the line; tanh map: log pi (1 - s^2) per torsion; marginal
+    map: log phi(v) - log f(t))."""
     transform = flow.parts()[1]
 
-    def torsion_jacobian(x):
-        return transform._to_line(chain.torsions(x))[1]
+    def torsion_jacobian(p):
+        return transform._to_line(chain.torsions(p.x))[1]
 
+    torsion_jacobian = control or torsion_jacobian
     noise = fp.Noise(seed)
     st = flow.propose(n_chains, noise, estimator="fp++")
     lw = log_weights(chain.energy(st.x), st.log_q)
-    lw_bad = lw - torsion_jacobian(st.x)
+    lw_bad = lw - torsion_jacobian(st)
     x, x_bad, obs, obs_bad = st.x, st.x, [], []
     for _ in range(n_iter):
         p = flow.propose(n_chains, noise, estimator="fp++")
         ln = log_weights(chain.energy(p.x), p.log_q)
-        ln_bad = ln - torsion_jacobian(p.x)
+        ln_bad = ln - torsion_jacobian(p)
         uni = noise.uniform(n_chains)
         a, a_bad = metropolis_accept(lw, ln, uni), metropolis_accept(lw_bad, ln_bad, uni)
         x, lw = torch.where(a[:, None, None], p.x, x), torch.where(a, ln, lw)
@@ -175,6 +191,41 @@ def test_fp_pp_unbiased_through_marginal_torsion_map(chain, chain_flow_cdf):
     assert abs(m_bad - exact) > 4 * se_bad, (m_bad, se_bad, exact)
 
 
+def _gaussian_torsion_prior(flow):
+    """The error of weighing a circle flow as if its torsion latents had the Gaussian prior of the
+    other coordinates: log N(z_t) - log(1 / 2 pi) per torsion, added to log q."""
+    per = flow.periodic
+
+    def control(p):
+        zt = flow.latent(p.w)[:, per]
+        return -(-0.5 * zt * zt - 0.5 * math.log(2 * math.pi) + math.log(2 * math.pi)).sum(1)
+
+    return control
+
+
+def test_fp_pp_unbiased_through_the_circle(chain, chain_flow_circle):
+    """As above, with torsions on the circle ("internal-torus": periodic velocity field, uniform
+    prior on the torsions, the marginal map of the circle): the trans fraction from fp++
+    independence Metropolis is exact (3 SE); weighing the proposals with a Gaussian prior on the
+    torsion latents instead of the uniform one on the circle is detected (> 4 SE). (Dropping the
+    circle map's Jacobian -log 2 pi - log f(t) is not a usable control here: the chain's training
+    marginals are three equal wells, so f barely tilts the trans fraction: z +0.3 to +2.4.)
+
+    Measured over chain seeds 11-15 (the test uses 11; raw samples with seeds 9-13, the test uses 9):
+      exact:                        z +0.34 -0.53 +0.50 +0.03 -0.27 (SE 0.0045-0.0051)
+      raw flow (in chain SEs):      -34.0 -34.8 -34.5 -35.5 -36.4 (bar: 8)
+      Gaussian torsion prior:       z +8.01 +5.96 +8.09 +7.90 +6.42 (bar: 4)
+    """
+    exact = chain.exact_trans_fraction
+    (m, se), (m_bad, se_bad) = _trans_chains(chain, chain_flow_circle,
+                                             control=_gaussian_torsion_prior(chain_flow_circle))
+    assert abs(m - exact) < 3 * se, (m, se, exact)
+    assert se < 0.015
+    raw = float(chain.trans_fraction(chain_flow_circle.sample(4000, seed=9)).mean())
+    assert abs(raw - exact) > 8 * se, raw
+    assert abs(m_bad - exact) > 4 * se_bad, (m_bad, se_bad, exact)
+
+
 @pytest.mark.parametrize("proposal,estimator,n_iter,burn", [("independent", "fp++", 100, 25),
                                                              ("latent", "fp", 200, 50)])
 def test_run_metropolis_exact_on_chain(chain, chain_flow, proposal, estimator, n_iter, burn):
@@ -187,6 +238,19 @@ def test_run_metropolis_exact_on_chain(chain, chain_flow, proposal, estimator, n
     res = fp.run_metropolis(chain_flow, chain.energy, 256, n_iter, proposal=proposal, estimator=estimator,
                             k=4, k_eps=2, seed=7, store_positions=False, observable=chain.trans_fraction)
     m, se = standard_error_of_chain_means(res.observables[burn:])
+    assert abs(m - chain.exact_trans_fraction) < 3 * se, (m, se, res.acceptance)
+    assert res.acceptance > 0.05
+
+
+def test_latent_moves_exact_on_the_circle(chain, chain_flow_circle):
+    """Latent-local fp moves of a circle flow: the standard-normal state w maps to uniform torsion
+    latents (z = 2 pi Phi(w) - pi) and back in the refresh, and the trans fraction is exact (3 SE).
+
+    Measured z over run seeds 7-11 (the test uses 7): -0.07 -0.86 +0.22 -0.62 +0.31 (acceptance 0.73)
+    """
+    res = fp.run_metropolis(chain_flow_circle, chain.energy, 256, 200, proposal="latent", estimator="fp",
+                            k=4, k_eps=2, seed=7, store_positions=False, observable=chain.trans_fraction)
+    m, se = standard_error_of_chain_means(res.observables[50:])
     assert abs(m - chain.exact_trans_fraction) < 3 * se, (m, se, res.acceptance)
     assert res.acceptance > 0.05
 

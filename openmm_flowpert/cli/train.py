@@ -63,8 +63,10 @@ def add_parser(sub) -> None:
                         "uses at each thermodynamic state's temperature")
     p.add_argument("--coordinates", default="internal-cdf", choices=sorted(TRANSFORMS),
                    help="the flow's fixed transform: internal coordinates from the topology's bonds with each "
-                        "torsion mapped to the line by its own data marginal (internal-cdf), the same with a tanh "
-                        "map of torsions (internal), or mean-free Cartesians")
+                        "torsion mapped to the line by its own data marginal (internal-cdf); the same with the "
+                        "torsions that rotate freely kept on the circle (a periodic velocity field, a uniform prior: "
+                        "internal-circle) or every torsion on the circle (internal-torus); a tanh map of torsions "
+                        "(internal); or mean-free Cartesians")
     p.add_argument("--device", type=_args.device, default="cpu", help="torch device of the training (cpu or cuda)")
     p.add_argument("--restart", action="store_true", help="delete this run's checkpoint (OUT.ckpt) and start over, "
                                                           "instead of resuming it")

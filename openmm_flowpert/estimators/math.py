@@ -2,14 +2,28 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 
-def log_prior(z: torch.Tensor, scale: float, d: int) -> torch.Tensor:
-    """log N(z; 0, scale^2 I_d) per row, for z in a d-dimensional (sub)space. Shape (B,)."""
-    return -0.5 * (z * z).sum(dim=1) / (scale * scale) - 0.5 * d * math.log(2.0 * math.pi * scale * scale)
+def log_prior(z: torch.Tensor, scale: float, d: int, periodic: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log p_Z(z) per row (B,) for z (B, D) in a d-dimensional (sub)space: N(0, scale^2 I_d), or,
+    with a boolean mask ``periodic`` (D,) of m angle coordinates, N(0, scale^2 I_(d - m)) on the
+    others times the uniform density 1 / (2 pi)^m on the torus (the same on every branch)."""
+    if periodic is None:
+        return -0.5 * (z * z).sum(dim=1) / (scale * scale) - 0.5 * d * math.log(2.0 * math.pi * scale * scale)
+    m = int(periodic.sum())
+    plain = torch.where(periodic, torch.zeros_like(z), z)
+    return (-0.5 * (plain * plain).sum(dim=1) / (scale * scale)
+            - 0.5 * (d - m) * math.log(2.0 * math.pi * scale * scale) - m * math.log(2.0 * math.pi))
+
+
+def wrap_angles(z: torch.Tensor, periodic: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """z (B, D) with the coordinates of the boolean mask ``periodic`` (D,) wrapped into [-pi, pi)."""
+    if periodic is None:
+        return z
+    return torch.where(periodic, torch.remainder(z + math.pi, 2.0 * math.pi) - math.pi, z)
 
 
 def log_norm(v: torch.Tensor) -> torch.Tensor:

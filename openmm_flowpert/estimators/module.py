@@ -24,13 +24,13 @@ directional derivatives are float64 central differences. d is the dimension the 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..flow.cnf import CNF
-from .math import log_norm, log_prior, split_pm, unit
+from .math import log_norm, log_prior, split_pm, unit, wrap_angles
 
 ESTIMATORS = ("fp", "fp++", "jacobian", "hutchinson")
 
@@ -52,11 +52,20 @@ class PerturbedFlowModule(nn.Module):
         Relative residual |J_k a - u| / |u| that the exact solve of J_k a = u must reach.
     max_jacobian_rows : int
         Row budget of one batched vector-Jacobian product (memory cap of ``"jacobian"``).
+    periodic : sequence of int
+        CNF coordinates that are angles (rad; the transform's ``periodic()``): their prior is
+        uniform on the circle, and latents from :meth:`inverse` / :meth:`refresh` have them in
+        [-pi, pi). The velocity field must be 2 pi-periodic in them.
     """
 
     def __init__(self, cnf: CNF, transform: nn.Module, x_dim: int, fd_eps: float = 1e-5,
-                 newton_tol: float = 1e-8, newton_max_iter: int = 6, max_jacobian_rows: int = 8192):
+                 newton_tol: float = 1e-8, newton_max_iter: int = 6, max_jacobian_rows: int = 8192,
+                 periodic: Sequence[int] = ()):
         super().__init__()
+        mask = torch.zeros(cnf.dim, dtype=torch.bool)
+        mask[list(periodic)] = True
+        self.has_periodic = bool(mask.any())
+        self.register_buffer("periodic", mask)
         self.cnf = cnf
         self.transform = transform
         self.dim = cnf.dim
@@ -80,7 +89,13 @@ class PerturbedFlowModule(nn.Module):
     def inverse(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """z = f^-1(T^-1(x)); NaN rows where the exact inverse did not converge."""
         y, _ = self.transform.inverse(x)
-        return self.cnf.inverse(y, exact)
+        return self._wrap(self.cnf.inverse(y, exact))
+
+    def _wrap(self, z: torch.Tensor) -> torch.Tensor:
+        return wrap_angles(z, self.periodic) if self.has_periodic else z
+
+    def _log_prior(self, z: torch.Tensor, prior_scale: float) -> torch.Tensor:
+        return log_prior(z, prior_scale, self.d, self.periodic if self.has_periodic else None)
 
     @torch.jit.export
     def n_probe_sets(self, estimator: str, n_probes: int = 1) -> int:
@@ -116,7 +131,7 @@ class PerturbedFlowModule(nn.Module):
         else:
             y, logdet = self._hutchinson(z, self._project_sets(probes))
         x, logdet_t = self.transform(y)
-        return x, log_prior(z, prior_scale, self.d) - logdet - logdet_t
+        return x, self._log_prior(z, prior_scale) - logdet - logdet_t
 
     @torch.jit.export
     def refresh(self, x: torch.Tensor, probes: torch.Tensor, estimator: str, exact_inverse: bool = True,
@@ -159,7 +174,7 @@ class PerturbedFlowModule(nn.Module):
                 _, logdet = self._jacobian(z)
             else:
                 _, logdet = self._hutchinson(z, self._project_sets(probes))
-        return z, u, log_prior(z, prior_scale, self.d) - logdet - logdet_t
+        return self._wrap(z), u, self._log_prior(z, prior_scale) - logdet - logdet_t
 
     # -- estimators of log|det J_f| ----------------------------------------------------------------
     def _project_sets(self, probes: torch.Tensor) -> torch.Tensor:

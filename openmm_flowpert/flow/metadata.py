@@ -18,7 +18,8 @@ FORMAT = "openmm-flowpert-flow"
 FORMAT_VERSION = 1
 
 # written only when set (absent from the JSON of flows that do not have them)
-_OPTIONAL = ("orientation", "frame", "zmatrix", "velocity", "transform", "noise_backend", "grid", "training")
+_OPTIONAL = ("orientation", "frame", "zmatrix", "velocity", "transform", "noise_backend", "grid", "training",
+             "periodic")
 
 
 @dataclass
@@ -60,6 +61,9 @@ class FlowMetadata:
         seeded results differ between backends. None: not recorded (older files).
     training : dict or None
         What :func:`~openmm_flowpert.train_flow` recorded (epochs, losses, sizes, ...).
+    periodic : list of int or None
+        Latent coordinates that are angles (uniform prior on the circle; z = 2 pi Phi(w) - pi
+        from the standard-normal state w). None: none (a Gaussian prior on every coordinate).
     extra : dict
         Any other JSON entries (kept as they are).
     """
@@ -86,6 +90,7 @@ class FlowMetadata:
     noise_backend: Optional[str] = None
     grid: Optional[str] = None
     training: Optional[Dict[str, Any]] = None
+    periodic: Optional[List[int]] = None
     format: str = FORMAT
     version: int = FORMAT_VERSION
     units: str = "nm"

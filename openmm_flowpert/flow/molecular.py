@@ -26,15 +26,15 @@ subspace (orthonormal-basis measure), whatever the orientation: the Haar density
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .internal import InternalCoordinates, build_zmatrix
 from .transforms import FixedTransform, register_transform
 
-__all__ = ["NormalizedInternal", "MarginalInternal", "least_populated_angle", "torsion_marginals", "frame_rotation",
-           "haar_rotations"]
+__all__ = ["NormalizedInternal", "MarginalInternal", "CircularInternal", "TorusInternal", "least_populated_angle",
+           "torsion_marginals", "emptiest_bin_density", "frame_rotation", "haar_rotations"]
 
 _LOG_8PI2 = math.log(8.0 * math.pi ** 2)
 
@@ -42,13 +42,26 @@ _LOG_8PI2 = math.log(8.0 * math.pi ** 2)
 def least_populated_angle(t: torch.Tensor, n_bins: int = 72) -> torch.Tensor:
     """Per column of angles t (n, m) in rad: the centre of the emptiest of ``n_bins`` bins on the
     circle after smoothing the histogram over 3 neighbouring bins."""
-    edges = 2.0 * math.pi / n_bins
-    idx = torch.floor(torch.remainder(t + math.pi, 2.0 * math.pi) / edges).long().clamp_(0, n_bins - 1)
+    best = _smoothed_counts(t, n_bins).argmin(1).double()
+    return -math.pi + (best + 0.5) * (2.0 * math.pi / n_bins)
+
+
+def _smoothed_counts(t: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Counts (m, n_bins) of each column of angles t (n, m) in bins from -pi, each summed with its
+    two neighbours on the circle."""
+    idx = torch.floor(torch.remainder(t + math.pi, 2.0 * math.pi) / (2.0 * math.pi / n_bins)).long()
+    idx = idx.clamp_(0, n_bins - 1)
     counts = torch.zeros(t.shape[1], n_bins, dtype=torch.float64)
     counts.scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=torch.float64))
-    smooth = counts + counts.roll(1, 1) + counts.roll(-1, 1)
-    best = smooth.argmin(1).double()
-    return -math.pi + (best + 0.5) * edges
+    return counts + counts.roll(1, 1) + counts.roll(-1, 1)
+
+
+def emptiest_bin_density(t: torch.Tensor, n_bins: int = 72) -> torch.Tensor:
+    """Per column of angles t (n, m) rad: the density of the emptiest of ``n_bins`` bins on the
+    circle (counts smoothed over 3 neighbouring bins, as :func:`least_populated_angle`) relative to
+    the uniform density, shape (m,): about 1 for a freely rotating torsion, 0 for one confined to
+    an arc."""
+    return _smoothed_counts(t, n_bins).min(1).values / 3.0 / (t.shape[0] / n_bins)
 
 
 def frame_rotation(x: torch.Tensor, frame: Tuple[int, int, int, bool]) -> torch.Tensor:
@@ -320,6 +333,15 @@ class MarginalInternal(NormalizedInternal):
         return torch.gather(table, 1, j.t().contiguous()).t()
 
     def _to_angle(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        t, logdet = self._line_to_angle(v)
+        return t, logdet.sum(-1)
+
+    def _to_line(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        v, logdet = self._angle_to_line(t)
+        return v, logdet.sum(-1)
+
+    def _line_to_angle(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """v (B, N - 3) on the line -> torsions t (rad) and log |dt/dv| per torsion (B, N - 3)."""
         lower = v <= 0.0
         u_lo = torch.special.ndtr(v)        # F(t) where v <= 0
         u_hi = torch.special.ndtr(-v)       # 1 - F(t) where v > 0
@@ -333,10 +355,11 @@ class MarginalInternal(NormalizedInternal):
         s_hi = ((j_hi + 1).to(v.dtype) - (u_hi - self._gather(self.sf, j_hi + 1)) / self._gather(self.mass, j_hi)) \
             * self.width
         s = torch.where(lower, s_lo, s_hi)
-        logdet = (-0.5 * v * v - 0.5 * math.log(2.0 * math.pi) - torch.log(dens)).sum(-1)
+        logdet = -0.5 * v * v - 0.5 * math.log(2.0 * math.pi) - torch.log(dens)
         return self.cut + s, logdet
 
-    def _to_line(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _angle_to_line(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Torsions t (B, N - 3) rad, any branch -> v on the line and log |dt/dv| per torsion."""
         s = torch.remainder(t - self.cut, 2.0 * math.pi)
         j = torch.floor(s / self.width).long().clamp(0, self.n_bins - 1)
         frac = s - j.to(s.dtype) * self.width
@@ -345,5 +368,149 @@ class MarginalInternal(NormalizedInternal):
         u_hi = self._gather(self.sf, j + 1) + m * ((self.width - frac) / self.width)
         v = torch.where(u_lo <= 0.5, torch.special.ndtri(u_lo.clamp_min(1e-300)),
                         -torch.special.ndtri(u_hi.clamp_min(1e-300)))
-        logdet = (-0.5 * v * v - 0.5 * math.log(2.0 * math.pi) - torch.log(m / self.width)).sum(-1)
+        logdet = -0.5 * v * v - 0.5 * math.log(2.0 * math.pi) - torch.log(m / self.width)
         return v, logdet
+
+
+@register_transform
+class CircularInternal(MarginalInternal):
+    """Normalized internal coordinates whose rotating torsions stay on the circle.
+
+    Bonds, angles, the Haar orientation and the torsions' fitted marginals are those of
+    :class:`MarginalInternal`, but a torsion on the circle (``on_circle``) is not cut open: the
+    CNF coordinate is the angle s = 2 pi F(t) - pi (F the fitted marginal distribution from
+    ``cut``), so
+
+        t = cut + F^-1((s + pi) / (2 pi)),     log |dt/ds| = -log(2 pi) - log f(t),
+
+    a diffeomorphism of the circle (s = -pi and s = pi are the same point, t = cut). The CNF in
+    front of it treats these coordinates as periodic (:meth:`periodic`): its velocity field sees
+    them through cos and sin, its prior on them is uniform on the circle, and its flow map
+    commutes with 2 pi translations, so the proposal density has no seam anywhere on the circle
+    and fp / fp++ stay exact through it (docs/algorithm.md section 14). The uniform prior already
+    has each such torsion's fitted marginal; the CNF learns the correlations. ``forward`` accepts
+    s on any branch; ``inverse`` returns s in [-pi, pi).
+
+    Which torsions go on the circle: those that rotate. A torsion confined to an arc (a peak with
+    an empty arc opposite) is better cut in that empty arc, as :class:`MarginalInternal` does: on
+    the circle, F squeezes the empty arc to nothing and glues the two tails of the peak together
+    at s = +-pi, so that whatever depends on which side of the peak the torsion is (bond angles,
+    neighbours) jumps there, which a smooth periodic field cannot follow. :meth:`fit` puts a
+    torsion on the circle when its emptiest 5-degree bin (smoothed over three) holds at least
+    ``min_density`` of the uniform density; the others keep the marginal map to the line.
+    Registered as ``"internal-circle"``; :class:`TorusInternal` (``"internal-torus"``) puts every
+    torsion on the circle.
+
+    Parameters
+    ----------
+    ic, mean, std, cut, mass
+        As :class:`MarginalInternal`; the entries of ``mean`` and ``std`` at the torsions on the
+        circle must be 0 and 1 (the angle itself is the CNF coordinate).
+    on_circle : Tensor (N - 3,) of bool, optional
+        Which torsions stay on the circle (default: all).
+    """
+
+    name = "internal-circle"
+
+    def __init__(self, ic: InternalCoordinates, mean: torch.Tensor, std: torch.Tensor, cut: torch.Tensor,
+                 mass: torch.Tensor, on_circle: Optional[torch.Tensor] = None):
+        super().__init__(ic, mean, std, cut, mass)
+        m = self.n_atoms - 3
+        on_circle = torch.ones(m, dtype=torch.bool) if on_circle is None else torch.as_tensor(on_circle).bool()
+        if on_circle.shape != (m,):
+            raise ValueError(f"internal-circle: on_circle needs one entry per torsion ({m}), "
+                             f"got {tuple(on_circle.shape)}")
+        if not (bool((self.mean[5::3][on_circle] == 0).all()) and bool((self.std[5::3][on_circle] == 1).all())):
+            raise ValueError("internal-circle: the mean and std of torsions on the circle must be 0 and 1 "
+                             "(angles are not rescaled)")
+        self.register_buffer("on_circle", on_circle.clone())
+        self.all_on_circle = bool(on_circle.all())
+
+    @classmethod
+    def fit(cls, ic: InternalCoordinates, x: torch.Tensor, n_bins: int = 180,
+            min_density: float = 0.05) -> "CircularInternal":
+        """Normalization of bonds, angles and the torsions on the line, the torsion marginals, and
+        which torsions rotate (emptiest smoothed 5-degree bin >= ``min_density`` times the uniform
+        density; 0 puts every torsion on the circle), from training Cartesians x (n, 3N) in nm
+        (float64)."""
+        y, _ = ic.inverse(torch.as_tensor(x, dtype=torch.float64))
+        raw = torch.cat([y[:, :3], y[:, 6:]], 1)
+        cut = least_populated_angle(raw[:, 5::3])
+        mass = torsion_marginals(raw[:, 5::3], cut, n_bins)
+        on_circle = emptiest_bin_density(raw[:, 5::3]) >= min_density
+        unit = MarginalInternal(ic, torch.zeros(raw.shape[1], dtype=torch.float64),
+                                torch.ones(raw.shape[1], dtype=torch.float64), cut, mass)
+        v, _ = unit._to_line(raw[:, 5::3])
+        mapped = raw.clone()
+        mapped[:, 5::3] = v
+        mean, std = mapped.mean(0), mapped.std(0).clamp_min(1e-6)
+        tmean, tstd = mean[5::3].clone(), std[5::3].clone()
+        tmean[on_circle], tstd[on_circle] = 0.0, 1.0
+        mean[5::3], std[5::3] = tmean, tstd
+        return cls(ic, mean, std, cut, mass, on_circle)
+
+    @classmethod
+    def from_state(cls, config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> "CircularInternal":
+        ic = InternalCoordinates(state["ic.zmatrix"], int(config["n_atoms"]))
+        t = cls(ic, state["mean"], state["std"], state["cut"], state["mass"], state.get("on_circle"))
+        t.load_state_dict({**state, "on_circle": t.on_circle})
+        return t
+
+    def periodic(self) -> List[int]:
+        return [5 + 3 * j for j in range(self.n_atoms - 3) if bool(self.on_circle[j])]
+
+    def _to_angle(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CNF torsion coordinates (B, N - 3): s on the circle (any branch) or v on the line ->
+        torsions t (rad) and sum log |dt/ds| (B,)."""
+        t, logdet = self._circle_to_angle(v)
+        if not self.all_on_circle:
+            t, logdet = self._merge(t, logdet, self._line_to_angle(v))
+        return t, logdet.sum(-1)
+
+    def _to_line(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Torsions t (B, N - 3) rad, any branch -> CNF coordinates (s in [-pi, pi) on the circle,
+        v on the line) and sum log |dt/ds| (B,)."""
+        s, logdet = self._angle_to_circle(t)
+        if not self.all_on_circle:
+            s, logdet = self._merge(s, logdet, self._angle_to_line(t))
+        return s, logdet.sum(-1)
+
+    def _merge(self, a: torch.Tensor, logdet: torch.Tensor,
+               line: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per torsion: (a, logdet) of the circle where ``on_circle``, the line's values elsewhere."""
+        return torch.where(self.on_circle, a, line[0]), torch.where(self.on_circle, logdet, line[1])
+
+    def _circle_to_angle(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """s (B, N - 3), any branch -> t = cut + F^-1((s + pi) / 2 pi) and log |dt/ds| per torsion."""
+        u = torch.remainder(v + math.pi, 2.0 * math.pi) / (2.0 * math.pi)
+        j = (torch.searchsorted(self.cdf, u.t().contiguous(), right=True).t() - 1).clamp(0, self.n_bins - 1)
+        m = self._gather(self.mass, j)
+        s = (j.to(v.dtype) + (u - self._gather(self.cdf, j)) / m) * self.width
+        logdet = -math.log(2.0 * math.pi) - torch.log(m / self.width)
+        return self.cut + s, logdet
+
+    def _angle_to_circle(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Torsions t (B, N - 3) rad, any branch -> s = 2 pi F(t) - pi in [-pi, pi) and log |dt/ds|
+        per torsion."""
+        s = torch.remainder(t - self.cut, 2.0 * math.pi)
+        j = torch.floor(s / self.width).long().clamp(0, self.n_bins - 1)
+        m = self._gather(self.mass, j)
+        u = self._gather(self.cdf, j) + m * ((s - j.to(s.dtype) * self.width) / self.width)
+        v = 2.0 * math.pi * u - math.pi
+        v = torch.where(v >= math.pi, v - 2.0 * math.pi, v)
+        logdet = -math.log(2.0 * math.pi) - torch.log(m / self.width)
+        return v, logdet
+
+
+@register_transform
+class TorusInternal(CircularInternal):
+    """:class:`CircularInternal` with every torsion on the circle (``min_density = 0``), whether it
+    rotates or not: the flow lives on R^a x T^(N - 3). Registered as ``"internal-torus"``."""
+
+    name = "internal-torus"
+
+    @classmethod
+    def fit(cls, ic: InternalCoordinates, x: torch.Tensor, n_bins: int = 180,
+            min_density: float = 0.0) -> "TorusInternal":
+        """As :meth:`CircularInternal.fit`, every torsion on the circle by default."""
+        return super().fit(ic, x, n_bins, min_density)

@@ -12,14 +12,16 @@ The interface (:class:`FixedTransform`) every transform provides:
   ``train_flow(coordinates=...)`` value that selects it), ``config()`` (JSON-able arguments that,
   with the buffers, rebuild it: :meth:`FixedTransform.from_state`), ``from_samples`` (fit it to
   training data) and ``flow_layout`` (what a :class:`~openmm_flowpert.PerturbedFlow` records about
-  it: coordinates kind, position dimension, whether positions are mean-free, orientation).
+  it: coordinates kind, position dimension, whether positions are mean-free, orientation) and
+  ``periodic`` (which CNF coordinates are angles of period 2 pi: the CNF in front of the
+  transform then treats them as points on the circle).
 
 A new transform subclasses :class:`FixedTransform`, is decorated with :func:`register_transform`,
 and is then built, trained, saved and re-compiled like the others.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Type
+from typing import Any, Dict, List, Tuple, Type
 
 import torch
 from torch import nn
@@ -92,6 +94,11 @@ class FixedTransform(nn.Module):
     def cnf_particles(self) -> int:
         """Particles over which the CNF in front of this transform is mean-free (0: plain)."""
         raise NotImplementedError
+
+    def periodic(self) -> List[int]:
+        """Indices of the CNF coordinates that are angles (rad, period 2 pi); the transform must
+        then be 2 pi-periodic in them, log-det included. Default: none."""
+        return []
 
 
 @register_transform

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -31,17 +31,28 @@ class VelocityMLP(nn.Module):
         Number of Fourier frequencies of the time embedding.
     n_cond : int
         Number of conditioning features (0: an unconditioned field).
+    periodic : sequence of int
+        Indices of the coordinates that are angles of period 2 pi (default: none).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4, n_cond: int = 0):
+    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4, n_cond: int = 0,
+                 periodic: Sequence[int] = ()):
         super().__init__()
         if dim < 1 or hidden < 1 or n_layers < 1 or n_cond < 0:
             raise ValueError("dim, hidden and n_layers must be positive and n_cond >= 0")
+        per = sorted({int(i) for i in periodic})
+        if per and not (0 <= per[0] and per[-1] < dim):
+            raise ValueError(f"periodic coordinates {per} are outside 0 .. {dim - 1}")
         self.dim = dim
         self.width, self.n_layers, self.n_freq, self.n_cond = int(hidden), int(n_layers), int(n_freq), int(n_cond)
+        self.periodic = per
+        self.n_periodic = len(per)
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32))
         self.register_buffer("cond", torch.zeros(1, self.n_cond))
-        self.inp = nn.Linear(dim, hidden)
+        self.register_buffer("periodic_index", torch.tensor(per, dtype=torch.long))
+        self.register_buffer("plain_index", torch.tensor([i for i in range(dim) if i not in set(per)],
+                                                         dtype=torch.long))
+        self.inp = nn.Linear(dim + len(per), hidden)
         self.time_inp = nn.Linear(1 + 2 * n_freq + self.n_cond, hidden, bias=False)
         self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(n_layers - 1)])
         self.out = nn.Linear(hidden, dim)
@@ -56,17 +67,28 @@ class VelocityMLP(nn.Module):
         """v(t, y; c) with ``c`` of shape (1 or t's rows, n_cond)."""
         tf = t * self.freqs
         feats = torch.cat([t, torch.sin(tf), torch.cos(tf), c.to(t.dtype).expand(t.shape[0], self.n_cond)], dim=-1)
-        h = self.act(self.inp(y) + self.time_inp(feats))
+        h = self.act(self.inp(self.features(y)) + self.time_inp(feats))
         for layer in self.hidden:
             h = self.act(layer(h))
         return self.out(h)
 
+    def features(self, y: torch.Tensor) -> torch.Tensor:
+        """The network's input for y (B, D): y itself, or [plain coordinates, cos, sin of the
+        periodic ones] (B, D + m)."""
+        if self.n_periodic == 0:
+            return y
+        a = y.index_select(1, self.periodic_index)
+        return torch.cat([y.index_select(1, self.plain_index), torch.cos(a), torch.sin(a)], dim=1)
+
     # -- Python only: the sizes a flow file records (``metadata["velocity"]``) --------------------
     def config(self) -> Dict[str, Any]:
-        """``{"kind", "dim", "hidden", "n_layers", "n_freq", "n_cond"}``: rebuilds it with
-        :func:`velocity_from_state`."""
-        return {"kind": "VelocityMLP", "dim": int(self.dim), "hidden": self.width, "n_layers": self.n_layers,
-                "n_freq": self.n_freq, "n_cond": self.n_cond}
+        """``{"kind", "dim", "hidden", "n_layers", "n_freq", "n_cond"}`` (and ``"periodic"`` when
+        there are periodic coordinates): rebuilds it with :func:`velocity_from_state`."""
+        cfg = {"kind": "VelocityMLP", "dim": int(self.dim), "hidden": self.width, "n_layers": self.n_layers,
+               "n_freq": self.n_freq, "n_cond": self.n_cond}
+        if self.periodic:
+            cfg["periodic"] = list(self.periodic)
+        return cfg
 
 
 def velocity_config(velocity: nn.Module) -> Optional[Dict[str, Any]]:
@@ -77,11 +99,15 @@ def velocity_config(velocity: nn.Module) -> Optional[Dict[str, Any]]:
 def guess_velocity_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """Sizes of a :class:`VelocityMLP` from its weights (flow files written before the sizes were
     recorded). Raises KeyError when the weights are not a VelocityMLP's."""
-    hidden, dim = state["inp.weight"].shape
+    hidden = state["inp.weight"].shape[0]
+    dim = state["out.weight"].shape[0]
     n_hidden = len([k for k in state if k.startswith("hidden.") and k.endswith(".weight")])
     n_freq = int(state["freqs"].numel())
-    return {"kind": "VelocityMLP", "dim": int(dim), "hidden": int(hidden), "n_layers": n_hidden + 1,
-            "n_freq": n_freq, "n_cond": int(state["time_inp.weight"].shape[1]) - 1 - 2 * n_freq}
+    cfg = {"kind": "VelocityMLP", "dim": int(dim), "hidden": int(hidden), "n_layers": n_hidden + 1,
+           "n_freq": n_freq, "n_cond": int(state["time_inp.weight"].shape[1]) - 1 - 2 * n_freq}
+    if "periodic_index" in state and state["periodic_index"].numel():
+        cfg["periodic"] = [int(i) for i in state["periodic_index"]]
+    return cfg
 
 
 def velocity_from_state(config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> VelocityMLP:
@@ -89,14 +115,22 @@ def velocity_from_state(config: Dict[str, Any], state: Dict[str, torch.Tensor]) 
     if config.get("kind") != "VelocityMLP":
         raise KeyError(f"velocity kind {config.get('kind')!r}")
     velocity = VelocityMLP(int(config["dim"]), hidden=int(config["hidden"]), n_layers=int(config["n_layers"]),
-                           n_freq=int(config["n_freq"]), n_cond=int(config.get("n_cond", 0)))
-    velocity.load_state_dict(with_condition(state, velocity.n_cond))
+                           n_freq=int(config["n_freq"]), n_cond=int(config.get("n_cond", 0)),
+                           periodic=config.get("periodic", ()))
+    velocity.load_state_dict(with_condition(state, velocity.n_cond, velocity.periodic))
     return velocity
 
 
-def with_condition(state: Dict[str, torch.Tensor], n_cond: int = 0) -> Dict[str, torch.Tensor]:
-    """A VelocityMLP state dict with the ``cond`` buffer (files written before conditioning
-    existed lack it: they are unconditioned, n_cond = 0)."""
-    if "cond" in state:
-        return state
-    return {**state, "cond": torch.zeros(1, n_cond, dtype=state["freqs"].dtype)}
+def with_condition(state: Dict[str, torch.Tensor], n_cond: int = 0,
+                   periodic: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
+    """A VelocityMLP state dict with the ``cond`` and index buffers (files written before
+    conditioning or periodic coordinates existed lack them: n_cond = 0, no periodic coordinates)."""
+    state = dict(state)
+    if "cond" not in state:
+        state["cond"] = torch.zeros(1, n_cond, dtype=state["freqs"].dtype)
+    if "periodic_index" not in state:
+        per = sorted(int(i) for i in periodic)
+        dim = int(state["out.weight"].shape[0])
+        state["periodic_index"] = torch.tensor(per, dtype=torch.long)
+        state["plain_index"] = torch.tensor([i for i in range(dim) if i not in set(per)], dtype=torch.long)
+    return state

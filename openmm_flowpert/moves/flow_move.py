@@ -449,7 +449,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         z = self._active.latent(w, prior_scale)
         back = self._active.inverse(x.reshape(x.shape[0], -1) if self._active.n_atoms == 0 else x)
         tol = DOMAIN_RTOL * (1.0 + z.abs().amax(1))
-        return torch.isfinite(back).all(1) & ((back - z).abs().amax(1) <= tol)
+        return torch.isfinite(back).all(1) & (self._active.wrap_latent(back - z).abs().amax(1) <= tol)
 
     def _refresh_auxiliary(self, x: torch.Tensor, noise: Noise, kw: dict):
         """The Gibbs refresh of the auxiliary directions given x, u ~ rho(u | x) (never uniform:

@@ -8,7 +8,7 @@ through its inverse, and splits them into training and validation sets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -60,6 +60,11 @@ class TrainingData:
     def n_cond(self) -> int:
         """Conditioning features per sample (0: an unconditioned flow)."""
         return 0 if self.c_train is None else int(self.c_train.shape[1])
+
+    @property
+    def periodic(self) -> List[int]:
+        """CNF coordinates that are angles on the circle (the transform's; none without one)."""
+        return [] if self.transform is None else list(self.transform.periodic())
 
 
 def as_samples(samples, remove_com: Optional[bool]):

@@ -64,8 +64,10 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, rem
         A registered fixed transform (:data:`openmm_flowpert.flow.TRANSFORMS`): ``"internal-cdf"``
         (the default with a topology; d = 3N - 6, bonds and angles at their own scale, each torsion
         mapped to the line by its fitted marginal: :class:`~openmm_flowpert.flow.MarginalInternal`),
-        ``"internal"`` (the same with a tanh map of the torsions) or ``"cartesian"`` (mean-free
-        Cartesians, d = 3N - 3).
+        ``"internal-circle"`` (the torsions that rotate freely kept on the circle: a velocity field
+        periodic in them and a uniform prior; :class:`~openmm_flowpert.flow.CircularInternal`),
+        ``"internal-torus"`` (every torsion on the circle), ``"internal"`` (as ``"internal-cdf"``
+        with a tanh map of the torsions) or ``"cartesian"`` (mean-free Cartesians, d = 3N - 3).
     remove_com : bool, optional
         Cartesian flows: work in the mean-free subspace (d = 3N - 3). Default: True for molecular
         samples; must be False for (n, d) arrays.

@@ -122,7 +122,7 @@ def refine_by_importance(flow, energy: Callable, samples=None, *, rounds: int = 
         if y_data is not None:
             n_data = int(round(data_fraction / (1 - data_fraction) * y.shape[0]))
             y = torch.cat([y, y_data[torch.randint(0, y_data.shape[0], (n_data,), generator=gen)]])
-        velocity = _flow_matching(velocity, y.float(), flow, gen, epochs=int(epochs), lr=lr,
+        velocity = _flow_matching(velocity, y.float(), flow, transform, gen, epochs=int(epochs), lr=lr,
                                   batch_size=int(batch_size), ema=ema, seed=int(seed) + r, progress=progress)
         flow = flow.rebuilt(velocity)
         ok = np.isfinite(u)
@@ -146,7 +146,7 @@ def _data_coordinates(transform, samples) -> torch.Tensor:
     return y[torch.isfinite(y).all(1)]
 
 
-def _flow_matching(velocity: torch.nn.Module, y: torch.Tensor, flow, gen: torch.Generator, *, epochs: int,
+def _flow_matching(velocity: torch.nn.Module, y: torch.Tensor, flow, transform, gen: torch.Generator, *, epochs: int,
                    lr: float, batch_size: int, ema: float, seed: int, progress: bool) -> torch.nn.Module:
     """Continue flow matching of ``velocity`` on y (float32, the CNF's coordinates): the EMA weights
     of the best validation loss (the starting weights when no epoch improves on them)."""
@@ -154,7 +154,7 @@ def _flow_matching(velocity: torch.nn.Module, y: torch.Tensor, flow, gen: torch.
     config = TrainingConfig(hidden=cfg["hidden"], n_layers=cfg["n_layers"], n_freq=cfg["n_freq"], epochs=epochs,
                             batch_size=batch_size, lr=lr, ema=ema, prior_scale=flow.prior_scale, seed=seed)
     y_train, y_val = split(y, 0.1, gen, torch.device("cpu"))
-    data = TrainingData(torch.zeros(0, 0), flow.n_atoms, flow.remove_com, None, flow.info.latent_particles,
+    data = TrainingData(torch.zeros(0, 0), flow.n_atoms, flow.remove_com, transform, flow.info.latent_particles,
                         y_train, y_val)
     trainer = FlowTrainer(data, config, gen)
     start = copy.deepcopy(velocity).float().state_dict()

@@ -49,7 +49,8 @@ def continuous_log_likelihood(velocity: torch.nn.Module, y: torch.Tensor, times:
     probes : Tensor (B, D)
         Gaussian probe vectors of the divergence estimate (one per sample, the same at every stage).
     prior_scale : float
-        Standard deviation s of the Gaussian prior N(0, s^2 I).
+        Standard deviation s of the Gaussian prior N(0, s^2 I) (uniform on the circle for the
+        velocity's ``periodic`` coordinates, whose field is 2 pi-periodic).
     """
     y = y.detach().clone().requires_grad_(True)
     div_int = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
@@ -61,8 +62,11 @@ def continuous_log_likelihood(velocity: torch.nn.Module, y: torch.Tensor, times:
         k4, d4 = _vel_div(velocity, t1 - h, y - h * k3, probes)
         y = y - h * (k1 + 2.0 * k2 + 2.0 * k3 + k4) / 6.0
         div_int = div_int + h * (d1 + 2.0 * d2 + 2.0 * d3 + d4) / 6.0
-    D = y.shape[1]
-    log_p = -0.5 * (y * y).sum(1) / prior_scale ** 2 - D * (math.log(prior_scale) + 0.5 * math.log(2 * math.pi))
+    per = list(getattr(velocity, "periodic", []))   # angles: uniform prior on the circle
+    plain = y if not per else y[:, [i for i in range(y.shape[1]) if i not in set(per)]]
+    D = plain.shape[1]
+    log_p = (-0.5 * (plain * plain).sum(1) / prior_scale ** 2
+             - D * (math.log(prior_scale) + 0.5 * math.log(2 * math.pi)) - len(per) * math.log(2 * math.pi))
     return log_p - div_int
 
 

@@ -1,7 +1,9 @@
 """The flow-matching trainer: velocity network, EMA weights, optimizer, schedule and checkpoints.
 
 Path: y_t = (1 - t) z + t y_1 with z ~ N(0, s^2 I) (projected when the CNF is mean-free) and y_1 a
-training sample in the CNF's coordinates; the regression target of v(t, y_t) is y_1 - z. Trained
+training sample in the CNF's coordinates; the regression target of v(t, y_t) is y_1 - z. Angle
+coordinates (the transform's ``periodic()``) follow the shortest arc on the circle instead:
+z uniform on [-pi, pi), y_t = z + t a with a = wrap(y_1 - z) in [-pi, pi), target a. Trained
 in float32 with Adam, cosine decay of the learning rate per step and an exponential moving average
 (EMA) of the weights; the validation loss of the EMA weights on fixed noise picks the best epoch.
 """
@@ -40,8 +42,9 @@ class FlowTrainer:
         self.mixed_precision = bool(mixed_precision)
         self.started = time.time() if started is None else float(started)
         torch.manual_seed(int(config.seed))  # the initialization
+        self.periodic = data.periodic
         self.velocity = VelocityMLP(data.dim, hidden=config.hidden, n_layers=config.n_layers,
-                                    n_freq=config.n_freq, n_cond=data.n_cond).to(self.device)
+                                    n_freq=config.n_freq, n_cond=data.n_cond, periodic=self.periodic).to(self.device)
         self.ema_model = copy.deepcopy(self.velocity)
         for p in self.ema_model.parameters():
             p.requires_grad_(False)
@@ -60,18 +63,28 @@ class FlowTrainer:
     def draw_prior(self, n: int, g: torch.Generator) -> torch.Tensor:
         z = torch.randn(n, self.data.dim, generator=g)
         npart = self.data.n_particles
-        return (self.config.prior_scale * (project_mean_free(z, npart) if npart else z)).to(self.device)
+        z = self.config.prior_scale * (project_mean_free(z, npart) if npart else z)
+        if self.periodic:
+            z[:, self.periodic] = 2.0 * math.pi * torch.special.ndtr(z[:, self.periodic] / self.config.prior_scale) \
+                - math.pi
+        return z.to(self.device)
 
     def loss(self, model: torch.nn.Module, y1: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
              c: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean squared error of the (projected) velocity against y1 - z at y_t = (1 - t) z + t y1
-        (at the samples' conditions ``c`` for a conditioned field)."""
-        yt = (1 - t) * z + t * y1
+        (at the samples' conditions ``c`` for a conditioned field); for angle coordinates y1 - z
+        is wrapped into [-pi, pi) (the shortest arc)."""
+        target = y1 - z
+        if self.periodic:
+            target[:, self.periodic] = torch.remainder(target[:, self.periodic] + math.pi, 2.0 * math.pi) - math.pi
+            yt = z + t * target
+        else:
+            yt = (1 - t) * z + t * y1
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
             v = model(t, yt) if c is None else model.forward_cond(t, yt, c)
         v = v.float()
         npart = self.data.n_particles
-        return (((project_mean_free(v, npart) if npart else v) - (y1 - z)) ** 2).sum(1).mean()
+        return (((project_mean_free(v, npart) if npart else v) - target) ** 2).sum(1).mean()
 
     # -- one epoch -----------------------------------------------------------------------------------
     def train_epoch(self) -> float:
