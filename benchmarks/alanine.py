@@ -4,6 +4,7 @@
     python benchmarks/alanine.py md      --out runs/ala_md.npz      # 20 ns of plain 300 K MD (more training data)
     python benchmarks/alanine.py train   --data runs/ala_re.npz --out runs/ala_ic.pt [--coordinates cartesian]
     python benchmarks/alanine.py measure --data runs/ala_re.npz --flow runs/ala_ic.pt
+    python benchmarks/alanine.py marginals --flows A.pt,B.pt --heldout runs/ala_re2.npz  # per-torsion KL
 
 ``data``: 8 replicas geometrically spaced over 300-600 K, Langevin 1 fs, swaps every 0.5 ps, one frame per
 replica every 0.5 ps. ``train``: flow matching on the 300 K frames (internal coordinates by default), EMA,
@@ -338,6 +339,46 @@ def cmd_quality(args):
             fh.write(json.dumps(out) + "\n")
 
 
+def torsion_histogram_kl(a: np.ndarray, b: np.ndarray, n_bins: int = 72) -> float:
+    """KL(a || b) in nats of two samples of angles (rad) on n_bins equal bins of the circle (0.5
+    added to every count)."""
+    edges = np.linspace(-math.pi, math.pi, n_bins + 1)
+    pa = np.histogram(np.remainder(a + math.pi, 2 * math.pi) - math.pi, edges)[0] + 0.5
+    pb = np.histogram(np.remainder(b + math.pi, 2 * math.pi) - math.pi, edges)[0] + 0.5
+    pa, pb = pa / pa.sum(), pb / pb.sum()
+    return float((pa * np.log(pa / pb)).sum())
+
+
+def cmd_marginals(args):
+    """Per torsion: the Z-matrix atoms, how much of the circle the held-out frames fill (emptiest
+    smoothed 5-degree bin / uniform) and KL(MD || flow) of each flow's proposals (72 bins)."""
+    from openmm_flowpert.flow.molecular import emptiest_bin_density
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    held = torch.as_tensor(load_frames(args.heldout), dtype=torch.float64)
+    held = held[torch.randperm(held.shape[0], generator=torch.Generator().manual_seed(0))[:args.n]]
+    held = (held - held.mean(1, keepdim=True)).reshape(held.shape[0], -1)
+    rows = None
+    for path in args.flows.split(","):
+        flow = fp.PerturbedFlow.load(path)
+        ic = flow.parts()[1].ic
+
+        def torsions(x):
+            y = ic.inverse(x.reshape(x.shape[0], -1))[0]
+            return torch.cat([y[:, :3], y[:, 6:]], 1)[:, 5::3]
+
+        t_md = torsions(held)
+        t_fl = torsions(flow.sample(args.n, seed=args.seed))
+        if rows is None:
+            dens = emptiest_bin_density(t_md)
+            rows = [{"torsion": j, "atoms": ic.zmatrix[j + 3].tolist(), "fill": round(float(dens[j]), 4)}
+                    for j in range(t_md.shape[1])]
+        for j, r in enumerate(rows):
+            r[path] = round(torsion_histogram_kl(t_md[:, j].numpy(), t_fl[:, j].numpy()), 4)
+    for r in rows:
+        print(json.dumps(r))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -413,9 +454,14 @@ def main():
                    help="measure at this replica's temperature (its held-out frames, its energies; the flow at "
                         "that temperature if it is temperature-conditioned)")
     q.add_argument("--json", help="append the result as one JSON line")
+    g = sub.add_parser("marginals", help="per torsion: how much of the circle the frames fill, and KL(MD || flow)")
+    g.add_argument("--flows", required=True, help="flow files, comma-separated")
+    g.add_argument("--heldout", required=True, help="npz file(s) whose 300 K frames are the reference")
+    g.add_argument("--n", type=int, default=20000, help="frames and proposals per flow")
+    g.add_argument("--seed", type=int, default=3)
     args = p.parse_args()
     {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,
-     "quality": cmd_quality}[args.cmd](args)
+     "quality": cmd_quality, "marginals": cmd_marginals}[args.cmd](args)
 
 
 if __name__ == "__main__":

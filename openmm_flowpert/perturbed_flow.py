@@ -87,7 +87,8 @@ class Proposal:
     log_q : Tensor (B,)
         Estimate of log q(x) (nats); log W = -u(x) - log_q with u the reduced potential (kT).
     w : Tensor (B, D)
-        Unprojected standard-normal latent; z = prior_scale * P w (P the mean-free projection).
+        Unprojected standard-normal latent; z = prior_scale * P w (P the mean-free projection),
+        and z = 2 pi Phi(w) - pi for angle coordinates (:attr:`PerturbedFlow.periodic`).
     eps : Tensor (B, P, D)
         Unprojected Gaussian probe vectors (their directions are the auxiliary u).
     """

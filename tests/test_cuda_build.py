@@ -50,6 +50,7 @@ def _run(cmd, **kw):
     return proc.stdout
 
 
+@pytest.mark.slow   # ~40 s of nvcc: in `make test-slow`, to keep the default run under 15 minutes
 @pytest.mark.skipif(CRT_INCLUDE is None, reason=f"CUDA toolchain unavailable: {SKIP_REASON}")
 def test_cuda_build_compiles_and_loads(tmp_path):
     build = tmp_path / "build"

@@ -28,12 +28,13 @@ def _fraction_left(gmm, flow, n_chains=N_CHAINS, **kw):
 
 @pytest.mark.parametrize("proposal,estimator", [("independent", "fp++"),
                                                 pytest.param("independent", "fp", marks=pytest.mark.slow),
-                                                ("latent", "fp"),
+                                                pytest.param("latent", "fp", marks=pytest.mark.slow),
                                                 pytest.param("latent", "fp++", marks=pytest.mark.slow)])
 def test_gmm_fraction_left_exact(gmm, gmm_flow, proposal, estimator):
-    """P(x0 < 0) = 1/4 within 3 SE; each estimator's default proposal in the default run, the other two
+    """P(x0 < 0) = 1/4 within 3 SE; independence fp++ in the default run, the other three
     combinations slow (single-probe FP independence proposals are also tested with power in
-    tests/test_move.py). Measured z over run seeds 7-11 (the test uses 7):
+    tests/test_move.py; latent fp moves in the default run on the torsion chain,
+    tests/test_molecular_flow.py). Measured z over run seeds 7-11 (the test uses 7):
     independent fp++ -1.52 +0.74 -0.11 -0.07 +0.64; independent fp -0.45 -0.88 -0.93 +0.59 -0.88;
     latent fp +0.04 -0.17 -1.42 -0.11 +0.16; latent fp++ -0.95 +0.60 -0.96 +0.65 +0.45."""
     mean, se, res = _fraction_left(gmm, gmm_flow, proposal=proposal, estimator=estimator, k=3, k_eps=2)

@@ -242,6 +242,7 @@ def test_run_metropolis_exact_on_chain(chain, chain_flow, proposal, estimator, n
     assert res.acceptance > 0.05
 
 
+@pytest.mark.slow   # ~22 s (fp++ through the circle and latent moves on the line stay in the default run)
 def test_latent_moves_exact_on_the_circle(chain, chain_flow_circle):
     """Latent-local fp moves of a circle flow: the standard-normal state w maps to uniform torsion
     latents (z = 2 pi Phi(w) - pi) and back in the refresh, and the trans fraction is exact (3 SE).

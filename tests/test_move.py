@@ -144,6 +144,7 @@ def _refresh_kernel_chains(system, flow, uniform_refresh: bool, seed: int, n_cha
 
 
 
+@pytest.mark.slow   # ~70 s for the pair (the hybrid sampler's refresh controls stay in the default run)
 @pytest.mark.parametrize("uniform_refresh", [False, True])
 def test_refresh_kernel_power_on_gmm_system(gmm_system, gmm_system_flow, uniform_refresh):
     """Issue-sized power for the refresh on the fixture flow: the kernel the move applies (refresh,

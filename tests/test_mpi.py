@@ -25,6 +25,7 @@ def _run(cmd, cwd):
     return json.loads(lines[0])
 
 
+@pytest.mark.slow   # ~70 s on 2 cores: in `make test-slow`, to keep the default run under 15 minutes
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec (mpich wheel) not installed in this environment")
 def test_two_ranks_agree_with_one_rank_and_exact(gmm_system_flow, tmp_path):
     """Measured z over seed pairs (one rank s, two ranks s + 1), s = 1-5 (the test uses s = 1; ~40 s a pair):

@@ -224,6 +224,7 @@ def _openmm_smc(gmm_system, flow, estimator, seeds):
                   seeds, **OPENMM_SMC)
 
 
+@pytest.mark.slow   # ~70 s (the d = 100 exact-field SMC tests cover SMC in the default run)
 def test_smc_on_openmm_energies(gmm_system, gmm_system_flow):
     """FlowPerturbationSMC with OpenMM energies (ReducedPotential of the 12-D mixture System, a
     normalized target in kT: log Z = 0, fraction of particle 0 with x < 0 = 1/4) reproduces both."""
@@ -233,6 +234,7 @@ def test_smc_on_openmm_energies(gmm_system, gmm_system_flow):
     assert np.all(acceptance > 0.05) and np.all(ancestors > 1)
 
 
+@pytest.mark.slow
 def test_smc_on_openmm_energies_hutchinson_negative_control(gmm_system, gmm_system_flow):
     """The same protocol with Hutchinson(1) log-determinants: log Z is far from 0."""
     _, log_z, _, _ = _openmm_smc(gmm_system, gmm_system_flow, "hutchinson", CONTROL_SEEDS)

@@ -64,6 +64,7 @@ def kinetic_ratios(reassign: bool, seed: int = 0) -> np.ndarray:
     return np.asarray(out)
 
 
+@pytest.mark.slow   # ~55 s for the pair
 @pytest.mark.parametrize("reassign", [True, False])
 def test_kinetic_temperature_stays_at_the_thermostat_after_flow_jumps(reassign):
     m, se, _ = mean_and_se(kinetic_ratios(reassign)[BURN:])
