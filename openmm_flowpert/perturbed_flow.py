@@ -17,6 +17,7 @@ import torch
 from . import noise as _noise
 from ._files import atomic_write
 from .estimators import ESTIMATORS, PerturbedFlowModule
+from .estimators.math import angle_from_normal, wrap_angle
 from .flow import (CNF, frame_rotation, guess_velocity_config, haar_rotations, identity_transform,
                    transform_from_state, velocity_config, velocity_from_state, with_condition)
 from .flow.metadata import FORMAT, FORMAT_VERSION, FlowMetadata
@@ -389,7 +390,7 @@ class PerturbedFlow:
         z = s * _noise.project_mean_free(w, self._latent_mean_free_atoms)
         per = self.periodic
         if per:
-            z[:, per] = 2.0 * math.pi * torch.special.ndtr(w[:, per]) - math.pi
+            z[:, per] = angle_from_normal(w[:, per])
         return z
 
     def _standard_normal_state(self, z: torch.Tensor, s: float) -> torch.Tensor:
@@ -408,7 +409,7 @@ class PerturbedFlow:
         if not per:
             return z
         z = z.clone()
-        z[:, per] = torch.remainder(z[:, per] + math.pi, 2.0 * math.pi) - math.pi
+        z[:, per] = wrap_angle(z[:, per])
         return z
 
     # -- sampling and estimates --------------------------------------------------------------------

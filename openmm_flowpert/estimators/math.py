@@ -19,11 +19,21 @@ def log_prior(z: torch.Tensor, scale: float, d: int, periodic: Optional[torch.Te
             - 0.5 * (d - m) * math.log(2.0 * math.pi * scale * scale) - m * math.log(2.0 * math.pi))
 
 
+def wrap_angle(a: torch.Tensor) -> torch.Tensor:
+    """Angles a (rad, any shape) wrapped into [-pi, pi)."""
+    return torch.remainder(a + math.pi, 2.0 * math.pi) - math.pi
+
+
+def angle_from_normal(w: torch.Tensor) -> torch.Tensor:
+    """2 pi Phi(w) - pi: standard-normal w (any shape) -> angles uniform on [-pi, pi) (rad)."""
+    return 2.0 * math.pi * torch.special.ndtr(w) - math.pi
+
+
 def wrap_angles(z: torch.Tensor, periodic: Optional[torch.Tensor] = None) -> torch.Tensor:
     """z (B, D) with the coordinates of the boolean mask ``periodic`` (D,) wrapped into [-pi, pi)."""
     if periodic is None:
         return z
-    return torch.where(periodic, torch.remainder(z + math.pi, 2.0 * math.pi) - math.pi, z)
+    return torch.where(periodic, wrap_angle(z), z)
 
 
 def log_norm(v: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _files
+from ..estimators.math import angle_from_normal, wrap_angle
 from ..flow import VelocityMLP
 from ..noise import project_mean_free
 from .config import TrainingConfig
@@ -65,8 +66,7 @@ class FlowTrainer:
         npart = self.data.n_particles
         z = self.config.prior_scale * (project_mean_free(z, npart) if npart else z)
         if self.periodic:
-            z[:, self.periodic] = 2.0 * math.pi * torch.special.ndtr(z[:, self.periodic] / self.config.prior_scale) \
-                - math.pi
+            z[:, self.periodic] = angle_from_normal(z[:, self.periodic] / self.config.prior_scale)
         return z.to(self.device)
 
     def loss(self, model: torch.nn.Module, y1: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
@@ -76,7 +76,7 @@ class FlowTrainer:
         is wrapped into [-pi, pi) (the shortest arc)."""
         target = y1 - z
         if self.periodic:
-            target[:, self.periodic] = torch.remainder(target[:, self.periodic] + math.pi, 2.0 * math.pi) - math.pi
+            target[:, self.periodic] = wrap_angle(target[:, self.periodic])
             yt = z + t * target
         else:
             yt = (1 - t) * z + t * y1
