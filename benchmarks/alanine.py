@@ -1,4 +1,5 @@
-"""Alanine dipeptide (vacuum, 300 K, no constraints): the molecular-flow recipe and its measurements.
+"""Alanine dipeptide or tetrapeptide (vacuum, 300 K, no constraints): the molecular-flow recipe and its
+measurements. ``--system alanine-tetrapeptide`` (before the command) runs any command on ACE-ALA3-NME.
 
     python benchmarks/alanine.py data    --out runs/ala_re.npz      # replica exchange (training data + reference)
     python benchmarks/alanine.py md      --out runs/ala_md.npz      # 20 ns of plain 300 K MD (more training data)
@@ -28,8 +29,25 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import cpu_name  # noqa: E402
 
-PHI = [4, 6, 8, 14]  # C(ACE)-N-CA-C
-PSI = [6, 8, 14, 16]
+SYSTEM = {"name": "alanine-dipeptide", "built": None}  # set by --system
+
+
+def molecule():
+    """The built-in system chosen with --system (built once)."""
+    from openmm_flowpert.systems import get_system
+
+    if SYSTEM["built"] is None:
+        SYSTEM["built"] = get_system(SYSTEM["name"])
+    return SYSTEM["built"]
+
+
+def backbone_torsions(topology):
+    """Atom indices of every residue's phi (C-N-CA-C) and psi (N-CA-C-N) dihedral, for the residues
+    that have both neighbours (ALA in ACE-ALAn-NME)."""
+    res = [{a.name: a.index for a in r.atoms()} for r in topology.residues()]
+    phi = [[res[i - 1]["C"], res[i]["N"], res[i]["CA"], res[i]["C"]] for i in range(1, len(res) - 1)]
+    psi = [[res[i]["N"], res[i]["CA"], res[i]["C"], res[i + 1]["N"]] for i in range(1, len(res) - 1)]
+    return phi, psi
 
 
 def dihedral(x: np.ndarray, idx) -> np.ndarray:
@@ -43,8 +61,11 @@ def dihedral(x: np.ndarray, idx) -> np.ndarray:
 
 
 def in_basin(x) -> np.ndarray:
-    phi = dihedral(np.asarray(x, dtype=np.float64), PHI)
-    return ((phi > 0) & (phi < 2.5)).astype(np.float64)
+    """Per frame (B,): the fraction of residues with 0 < phi < 2.5 rad (for the dipeptide: the
+    indicator of its one phi in that basin)."""
+    x = np.asarray(x, dtype=np.float64)
+    phis = backbone_torsions(molecule().topology)[0]
+    return np.mean([((p > 0) & (p < 2.5)) for p in (dihedral(x, idx) for idx in phis)], axis=0)
 
 
 def block_se(values: np.ndarray, n_blocks: int = 20) -> float:
@@ -55,9 +76,8 @@ def block_se(values: np.ndarray, n_blocks: int = 20) -> float:
 
 def cmd_data(args):
     from openmm_flowpert.samplers.replica_exchange import geometric_temperatures, run_replica_exchange
-    from openmm_flowpert.systems import alanine_dipeptide
 
-    s = alanine_dipeptide()
+    s = molecule()
     t0 = time.time()
     storage = os.path.splitext(args.out)[0] + ".nc"   # openmmtools storage: a killed run resumes
     r = run_replica_exchange(s.system, s.positions, geometric_temperatures(300, 600, 8), 200 + args.frames, storage,
@@ -76,9 +96,8 @@ def cmd_data(args):
 
 def cmd_md(args):
     from openmm_flowpert.simulate import langevin_md
-    from openmm_flowpert.systems import alanine_dipeptide
 
-    s = alanine_dipeptide()
+    s = molecule()
     t0 = time.time()
     x = langevin_md(s.system, s.positions, 300.0, args.frames, steps_per_frame=200, seed=args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -114,9 +133,8 @@ def load_frames(paths, temperature_index=0):
 
 def cmd_train(args):
     from openmm_flowpert.energies import ReducedPotential
-    from openmm_flowpert.systems import alanine_dipeptide
 
-    s = alanine_dipeptide()
+    s = molecule()
     x = np.concatenate([load_frames(args.data, int(i)) for i in args.replicas.split(",")], 0)
     if args.replicas != "0":
         print(f"training frames: {len(x)} from replicas {args.replicas} (300 K is 0)")
@@ -164,11 +182,10 @@ def cmd_train(args):
 
 def cmd_refine(args):
     from openmm_flowpert.energies import ReducedPotential
-    from openmm_flowpert.systems import alanine_dipeptide
     from openmm_flowpert.training.importance import refine_by_importance
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    s = alanine_dipeptide()
+    s = molecule()
     x = load_frames(args.data) if args.data_fraction > 0 else None
     t0 = time.time()
     flow = refine_by_importance(fp.PerturbedFlow.load(args.flow), ReducedPotential(s.system, 300.0), x,
@@ -195,10 +212,9 @@ def is_estimate(log_w: np.ndarray, f: np.ndarray):
 
 def cmd_measure(args):
     from openmm_flowpert.energies import ReducedPotential
-    from openmm_flowpert.systems import alanine_dipeptide
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    s = alanine_dipeptide()
+    s = molecule()
     rp = ReducedPotential(s.system, 300.0)
     flow = fp.PerturbedFlow.load(args.flow)
     md = load_frames(args.data)
@@ -319,10 +335,9 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
 
 def cmd_quality(args):
     from openmm_flowpert.energies import ReducedPotential
-    from openmm_flowpert.systems import alanine_dipeptide
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    s = alanine_dipeptide()
+    s = molecule()
     temperature = float(np.load(args.heldout.split(",")[0])["temps"][args.replica])
     rp = ReducedPotential(s.system, temperature)
     flow = fp.PerturbedFlow.load(args.flow).at_temperature(temperature)  # (conditioned flows only)
@@ -381,6 +396,7 @@ def cmd_marginals(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--system", default="alanine-dipeptide", choices=["alanine-dipeptide", "alanine-tetrapeptide"])
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data")
     d.add_argument("--out", required=True)
@@ -460,6 +476,7 @@ def main():
     g.add_argument("--n", type=int, default=20000, help="frames and proposals per flow")
     g.add_argument("--seed", type=int, default=3)
     args = p.parse_args()
+    SYSTEM["name"] = args.system
     {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,
      "quality": cmd_quality, "marginals": cmd_marginals}[args.cmd](args)
 

@@ -12,8 +12,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MolecularSystem", "alanine_dipeptide", "cln025", "from_pdb", "from_amber", "gmm", "get_system",
-           "SYSTEMS", "bundled_flow"]
+__all__ = ["MolecularSystem", "alanine_dipeptide", "alanine_tetrapeptide", "cln025", "from_pdb", "from_amber", "gmm",
+           "get_system", "SYSTEMS", "bundled_flow"]
 
 
 @dataclass
@@ -64,6 +64,82 @@ def alanine_dipeptide(solvent: str = "vacuum") -> MolecularSystem:
     else:
         raise ValueError(f"solvent must be 'vacuum' or 'implicit', got {solvent!r}")
     return MolecularSystem(f"alanine-dipeptide-{solvent}", ts.system, ts.topology, _positions_nm(ts.positions))
+
+
+def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle: float, torsion: float) -> np.ndarray:
+    """Position of an atom d bonded to c with |cd| = ``bond`` (any length unit), angle b-c-d =
+    ``angle`` and dihedral a-b-c-d = ``torsion`` (degrees, IUPAC sign)."""
+    bc = (c - b) / np.linalg.norm(c - b)
+    n = np.cross(b - a, bc)
+    n /= np.linalg.norm(n)
+    th, ph = np.radians(angle), np.radians(torsion)
+    local = bond * np.array([-np.cos(th), np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph)])
+    return c + local[0] * bc + local[1] * np.cross(n, bc) + local[2] * n
+
+
+def _ace_ala_nme_heavy(n_ala: int, phi: float, psi: float) -> list:
+    """Heavy atoms of ACE-(ALA)n-NME as (residue index, residue name, atom name, position in Angstrom):
+    an ideal trans backbone (Engh-Huber bond lengths and angles) with every residue at backbone
+    torsions phi, psi (degrees), L configuration."""
+    c, prev = np.array([1.52, 0.0, 0.0]), "ACE"
+    rows = [(0, "ACE", "CH3", np.zeros(3)), (0, "ACE", "C", c)]
+    a, b, tors = np.array([2.0, 1.4, 0.0]), np.zeros(3), 180.0  # a: a dummy atom fixing the first plane
+    for r in range(1, n_ala + 2):
+        name = "ALA" if r <= n_ala else "NME"
+        n = _place(a, b, c, 1.329, 116.2, tors)                     # psi of the previous residue
+        ca = _place(b, c, n, 1.458, 121.7, 180.0)                   # omega: trans peptide bond
+        rows.append((r - 1, prev, "O", _place(ca, n, c, 1.231, 122.7, 0.0)))  # cis to the next CA
+        rows.append((r, name, "N", n))
+        if name == "NME":
+            rows.append((r, name, "C", ca))
+            break
+        c_next = _place(c, n, ca, 1.525, 111.2, phi)
+        rows += [(r, name, "CA", ca), (r, name, "C", c_next),
+                 (r, name, "CB", _place(c_next, n, ca, 1.530, 110.5, -122.5))]
+        a, b, c, prev, tors = n, ca, c_next, name, psi
+    return sorted(rows, key=lambda row: row[0])
+
+
+def alanine_tetrapeptide(solvent: str = "vacuum") -> MolecularSystem:
+    """Alanine tetrapeptide (ACE-ALA-ALA-ALA-NME, 42 atoms), amber14 (ff14SB), vacuum, no constraints.
+
+    Built from ideal backbone geometry (all residues at phi = -80, psi = 150 degrees, trans peptide
+    bonds), hydrogens added by OpenMM's ``Modeller`` and minimized on the Reference platform, so the
+    structure is the same in every process. No cutoff, no constraints, no centre-of-mass motion
+    remover. Positions in nm; d = 3 * 42 = 126 Cartesian coordinates, 120 internal ones.
+
+    Parameters
+    ----------
+    solvent : {"vacuum"}
+        Vacuum only (the system of the internal-coordinate flow benchmarks).
+    """
+    import io
+    import random
+
+    import openmm
+    from openmm import app, unit
+
+    if solvent != "vacuum":
+        raise ValueError(f"alanine tetrapeptide is built in vacuum only, got solvent={solvent!r}")
+    lines = [f"ATOM  {k:5d} {atom:<4s} {res:3s} A{ri + 1:4d}    {xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}"
+             f"  1.00  0.00           {atom[0]}" for k, (ri, res, atom, xyz) in
+             enumerate(_ace_ala_nme_heavy(3, -80.0, 150.0), 1)]
+    pdb = app.PDBFile(io.StringIO("\n".join(lines + ["END", ""])))
+    ff = app.ForceField("amber14-all.xml")
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    state = random.getstate()
+    try:  # Modeller starts added hydrogens from Python's global `random`: seed it, restore the caller's
+        random.seed(0)
+        modeller.addHydrogens(ff)
+    finally:
+        random.setstate(state)
+    system = ff.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None,
+                             removeCMMotion=False)
+    context = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(modeller.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 1e-3, 2000)
+    x = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    return _checked(MolecularSystem("alanine-tetrapeptide-vacuum", system, modeller.topology, np.asarray(x)))
 
 
 def _checked(ms: MolecularSystem) -> MolecularSystem:
@@ -194,6 +270,7 @@ SYSTEMS: Dict[str, Callable[[], MolecularSystem]] = {
     "alanine-dipeptide": lambda: alanine_dipeptide("vacuum"),
     "alanine-dipeptide-vacuum": lambda: alanine_dipeptide("vacuum"),
     "alanine-dipeptide-implicit": lambda: alanine_dipeptide("implicit"),
+    "alanine-tetrapeptide": lambda: alanine_tetrapeptide("vacuum"),
     "cln025": lambda: cln025("implicit"),
     "cln025-vacuum": lambda: cln025("vacuum"),
     "gmm-12d": lambda: gmm(4),

@@ -22,9 +22,11 @@ def parse_temperatures(text: str):
 
 
 def add_system_arguments(p) -> None:
+    from ..systems import SYSTEMS
+
     p.add_argument("--system", default="alanine-dipeptide",
-                   help="built-in name (alanine-dipeptide, alanine-dipeptide-implicit, cln025, cln025-vacuum, "
-                        "gmm-12d), a .pdb file (with --forcefield) or FILE.prmtop:FILE.inpcrd")
+                   help=f"built-in name ({', '.join(SYSTEMS)}), a .pdb file (with --forcefield) or "
+                        "FILE.prmtop:FILE.inpcrd")
     p.add_argument("--forcefield", nargs="+", default=None,
                    help="OpenMM force-field files for a .pdb system (default: amber14-all.xml implicit/obc2.xml)")
 

@@ -1,0 +1,71 @@
+"""The built-in alanine tetrapeptide: what it is (ACE-ALA3-NME, amber14, vacuum, L-alanines, trans
+peptide bonds), that it is built the same in every process, and that it parametrizes like the same
+structure read from a PDB file."""
+import random
+
+import numpy as np
+import pytest
+
+from openmm_flowpert.systems import alanine_tetrapeptide, get_system
+
+
+def _signed_volume(x: np.ndarray, atoms: dict) -> float:
+    """(N - CA) x (C - CA) . (CB - CA) in nm^3: positive for an L residue in this convention."""
+    ca = x[atoms["CA"]]
+    return float(np.dot(np.cross(x[atoms["N"]] - ca, x[atoms["C"]] - ca), x[atoms["CB"]] - ca))
+
+
+def _dihedral(x: np.ndarray, i: int, j: int, k: int, m: int) -> float:
+    b0, b1, b2 = x[i] - x[j], x[k] - x[j], x[m] - x[k]
+    b1 /= np.linalg.norm(b1)
+    v, w = b0 - b0.dot(b1) * b1, b2 - b2.dot(b1) * b1
+    return float(np.degrees(np.arctan2(np.cross(b1, v).dot(w), v.dot(w))))
+
+
+def test_alanine_tetrapeptide_is_ace_ala3_nme_in_l_form():
+    s = get_system("alanine-tetrapeptide")
+    assert s.n_atoms == 42 and s.system.getNumConstraints() == 0
+    assert not s.system.usesPeriodicBoundaryConditions()
+    assert [r.name for r in s.topology.residues()] == ["ACE", "ALA", "ALA", "ALA", "NME"]
+    assert sum(a.element.symbol == "H" for a in s.topology.atoms()) == 22
+    assert s.topology.getNumBonds() == 41   # a tree: the internal coordinates have 3 * 42 - 6 = 120 entries
+    res = [{a.name: a.index for a in r.atoms()} for r in s.topology.residues()]
+    # chirality: every alanine has the sign of openmmtools' (L-)alanine dipeptide
+    ref = get_system("alanine-dipeptide")
+    ref_res = [{a.name: a.index for a in r.atoms()} for r in ref.topology.residues()]
+    ref_sign = np.sign(_signed_volume(ref.positions, ref_res[1]))
+    assert ref_sign != 0
+    assert [np.sign(_signed_volume(s.positions, r)) for r in res[1:4]] == [ref_sign] * 3
+    # trans peptide bonds (omega = CA-C-N-CA, the caps' methyl carbons included)
+    chain = [res[0]["CH3"]] + [r["CA"] for r in res[1:4]] + [res[4]["C"]]
+    for i in range(4):
+        omega = _dihedral(s.positions, chain[i], res[i]["C"], res[i + 1]["N"], chain[i + 1])
+        assert abs(abs(omega) - 180.0) < 25.0, omega
+    # a minimized structure: a low energy and a small force on every atom
+    import openmm
+    from openmm import unit
+    ctx = openmm.Context(s.system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(s.positions)
+    st = ctx.getState(getEnergy=True, getForces=True)
+    assert st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) < 0.0
+    assert np.abs(st.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)).max() < 20.0
+
+
+def test_alanine_tetrapeptide_is_reproducible_and_matches_its_pdb(tmp_path):
+    state = random.getstate()
+    a = alanine_tetrapeptide()
+    assert random.getstate() == state                     # the caller's random stream is untouched
+    b = alanine_tetrapeptide()
+    assert np.array_equal(a.positions, b.positions)       # same structure in every build / process
+    from openmm import app, unit
+    from openmm_flowpert.energies import ReducedPotential
+    pdb = tmp_path / "tetra.pdb"
+    with open(pdb, "w") as fh:
+        app.PDBFile.writeFile(a.topology, a.positions * unit.nanometer, fh)
+    c = get_system(str(pdb), ["amber14-all.xml"])
+    x = np.stack([a.positions, c.positions])
+    assert np.abs(x[0] - x[1]).max() < 1e-3               # PDB precision: 1e-4 nm
+    ua, uc = ReducedPotential(a.system, 300.0)(x), ReducedPotential(c.system, 300.0)(x)
+    np.testing.assert_allclose(ua, uc, rtol=0, atol=1e-6)  # same force field on both routes
+    with pytest.raises(ValueError, match="vacuum only"):
+        alanine_tetrapeptide("implicit")
