@@ -127,15 +127,16 @@ def alanine_tetrapeptide(solvent: str = "vacuum") -> MolecularSystem:
     pdb = app.PDBFile(io.StringIO("\n".join(lines + ["END", ""])))
     ff = app.ForceField("amber14-all.xml")
     modeller = app.Modeller(pdb.topology, pdb.positions)
+    reference = openmm.Platform.getPlatformByName("Reference")  # deterministic (the CPU platform's threads are not)
     state = random.getstate()
     try:  # Modeller starts added hydrogens from Python's global `random`: seed it, restore the caller's
         random.seed(0)
-        modeller.addHydrogens(ff)
+        modeller.addHydrogens(ff, platform=reference)
     finally:
         random.setstate(state)
     system = ff.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None,
                              removeCMMotion=False)
-    context = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+    context = openmm.Context(system, openmm.VerletIntegrator(1e-3), reference)
     context.setPositions(modeller.positions)
     openmm.LocalEnergyMinimizer.minimize(context, 1e-3, 2000)
     x = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
