@@ -41,31 +41,13 @@ def molecule():
     return SYSTEM["built"]
 
 
-def backbone_torsions(topology):
-    """Atom indices of every residue's phi (C-N-CA-C) and psi (N-CA-C-N) dihedral, for the residues
-    that have both neighbours (ALA in ACE-ALAn-NME)."""
-    res = [{a.name: a.index for a in r.atoms()} for r in topology.residues()]
-    phi = [[res[i - 1]["C"], res[i]["N"], res[i]["CA"], res[i]["C"]] for i in range(1, len(res) - 1)]
-    psi = [[res[i]["N"], res[i]["CA"], res[i]["C"], res[i + 1]["N"]] for i in range(1, len(res) - 1)]
-    return phi, psi
-
-
-def dihedral(x: np.ndarray, idx) -> np.ndarray:
-    """IUPAC dihedral (rad) of atoms idx for positions (B, N, 3)."""
-    p0, p1, p2, p3 = (x[:, i] for i in idx)
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
-    v = b0 - (b0 * b1n).sum(-1, keepdims=True) * b1n
-    w = b2 - (b2 * b1n).sum(-1, keepdims=True) * b1n
-    return np.arctan2((np.cross(b1n, v) * w).sum(-1), (v * w).sum(-1))
-
-
 def in_basin(x) -> np.ndarray:
     """Per frame (B,): the fraction of residues with 0 < phi < 2.5 rad (for the dipeptide: the
     indicator of its one phi in that basin)."""
-    x = np.asarray(x, dtype=np.float64)
-    phis = backbone_torsions(molecule().topology)[0]
-    return np.mean([((p > 0) & (p < 2.5)) for p in (dihedral(x, idx) for idx in phis)], axis=0)
+    from openmm_flowpert.analysis import PHI_BASIN, backbone_dihedrals
+
+    phi = backbone_dihedrals(np.asarray(x, dtype=np.float64), molecule().topology)[0]
+    return ((phi > PHI_BASIN[0]) & (phi < PHI_BASIN[1])).mean(axis=1)
 
 
 def block_se(values: np.ndarray, n_blocks: int = 20) -> float:
