@@ -6,6 +6,7 @@ measurements. ``--system alanine-tetrapeptide`` (before the command) runs any co
     python benchmarks/alanine.py train   --data runs/ala_re.npz --out runs/ala_ic.pt [--coordinates cartesian]
     python benchmarks/alanine.py measure --data runs/ala_re.npz --flow runs/ala_ic.pt
     python benchmarks/alanine.py marginals --flows A.pt,B.pt --heldout runs/ala_re2.npz  # per-torsion KL
+    python benchmarks/alanine.py cost    --flows A.pt,B.pt                                 # ms per proposal
 
 ``data``: 8 replicas geometrically spaced over 300-600 K, Langevin 1 fs, swaps every 0.5 ps, one frame per
 replica every 0.5 ps. ``train``: flow matching on the 300 K frames (internal coordinates by default), EMA,
@@ -376,6 +377,24 @@ def cmd_marginals(args):
         print(json.dumps(r))
 
 
+def cmd_cost(args):
+    """ms per proposal with its log q (fp++ and fp, exact inverse) of each flow: best of ``repeats``
+    batches of ``n`` after one warm-up batch."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    for path in args.flows.split(","):
+        flow, noise = fp.PerturbedFlow.load(path), fp.Noise(args.seed)
+        flow.propose(64, noise, estimator="fp++")
+        out = {"flow": path, "d": flow.dim, "batch": args.n, "threads": torch.get_num_threads()}
+        for est in ("fp++", "fp"):
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                flow.propose(args.n, noise, estimator=est)
+                times.append((time.perf_counter() - t0) / args.n)
+            out[f"ms_{est}"] = round(1e3 * min(times), 2)
+        print(json.dumps(out))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", default="alanine-dipeptide", choices=["alanine-dipeptide", "alanine-tetrapeptide"])
@@ -457,10 +476,15 @@ def main():
     g.add_argument("--heldout", required=True, help="npz file(s) whose 300 K frames are the reference")
     g.add_argument("--n", type=int, default=20000, help="frames and proposals per flow")
     g.add_argument("--seed", type=int, default=3)
+    c = sub.add_parser("cost", help="ms per fp++ / fp proposal of each flow")
+    c.add_argument("--flows", required=True, help="flow files, comma-separated")
+    c.add_argument("--n", type=int, default=256)
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     SYSTEM["name"] = args.system
     {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,
-     "quality": cmd_quality, "marginals": cmd_marginals}[args.cmd](args)
+     "quality": cmd_quality, "marginals": cmd_marginals, "cost": cmd_cost}[args.cmd](args)
 
 
 if __name__ == "__main__":
