@@ -153,6 +153,7 @@ def cmd_train(args):
         return
     flow = fp.train_flow(x, topology=None if args.coordinates == "cartesian" else s.topology,
                          coordinates=args.coordinates, hidden=args.hidden, n_layers=args.layers, n_freq=args.n_freq,
+                         linear=args.linear,
                          n_steps=args.steps, grid=args.grid, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                          ema=args.ema, patience=args.epochs, max_minutes=args.minutes, temperature=300.0,
                          seed=args.seed, energy=ReducedPotential(s.system, 300.0), progress=True,
@@ -416,6 +417,7 @@ def main():
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--grid", default="quadratic", choices=["quadratic", "uniform"])
     t.add_argument("--n-freq", type=int, default=4)
+    t.add_argument("--linear", action="store_true", help="the velocity MLP plus a time-dependent linear map")
     t.add_argument("--max-frames", type=int, default=0, help="train on a random subset of this many frames")
     t.add_argument("--likelihood-minutes", type=float, default=0.0,
                    help="maximum-likelihood fine-tuning after flow matching (minutes)")

@@ -60,6 +60,10 @@ def test_cli_spellings_old_and_new():
     assert (new.n_layers, new.batch_size, new.n_steps, new.minutes) == (2, 64, 4, 1.5)
     helptext = p._subparsers._group_actions[0].choices["train"].format_help()
     assert "--layers" not in helptext and "--n-layers" in helptext and "(default: 0.999)" in helptext
+    # a boolean field is a switch (argparse's type=bool would read "--linear False" as True)
+    assert p.parse_args(["train", "--data", "d", "--out", "f", "--linear"]).linear is True
+    assert p.parse_args(["train", "--data", "d", "--out", "f", "--no-linear"]).linear is False
+    assert new.linear is False and "--no-linear" in helptext
 
 
 def test_config_checks_and_minutes_alias(chain, chain_x):

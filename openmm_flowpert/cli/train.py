@@ -34,6 +34,8 @@ def add_training_arguments(p) -> None:
     for name, spec in TrainingConfig.help().items():
         typ = _TYPES.get(name, spec["type"])
         kw = dict(type=typ, default=spec["default"], help=spec["help"])
+        if typ is bool:  # a switch: --linear / --no-linear
+            kw = dict(action=argparse.BooleanOptionalAction, default=spec["default"], help=spec["help"])
         if "choices" in spec:
             kw["choices"] = spec["choices"]
         g.add_argument("--" + name.replace("_", "-"), dest=name, **kw)

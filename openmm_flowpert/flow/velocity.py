@@ -11,9 +11,14 @@ from torch import nn
 class VelocityMLP(nn.Module):
     """MLP velocity field with a Fourier time embedding, optionally conditioned.
 
-    v(t, y; c) = MLP([y, t, sin(2^j pi t), cos(2^j pi t), c]_{j < n_freq}); the time (and
-    condition) part of the first layer is a separate bias so that one time value is embedded once
-    per batch. ``c`` is a vector of ``n_cond`` conditioning features (e.g. log(T / T0) of a
+    v(t, y; c) = MLP([y, t, sin(2^j pi t), cos(2^j pi t), c]_{j < n_freq}) [+ A(t; c) y]; the time
+    (and condition) part of the first layer is a separate bias so that one time value is embedded
+    once per batch. With ``linear=True`` a full linear map of y whose matrix depends on the time
+    features, A(t; c) = A_0 + sum_j phi_j(t; c) A_j (phi the embedding above; zero at
+    initialization), is added to the MLP: the exact flow-matching field between Gaussians is linear
+    in y with a time-dependent matrix, so the network then only learns what is not Gaussian. It
+    costs one (D x D) matrix product per evaluation when the batch shares one time value (the
+    integrator) and (1 + J) of them per sample in training. ``c`` is a vector of ``n_cond`` conditioning features (e.g. log(T / T0) of a
     temperature-conditioned flow); the compiled flow uses the buffer ``cond`` (1, n_cond), which
     fixes the condition of one flow (:meth:`PerturbedFlow.at_temperature
     <openmm_flowpert.PerturbedFlow.at_temperature>` sets it), while training passes a condition per
@@ -33,10 +38,19 @@ class VelocityMLP(nn.Module):
         Number of conditioning features (0: an unconditioned field).
     periodic : sequence of int
         Indices of the coordinates that are angles of period 2 pi (default: none).
+    linear : bool
+        Add the time-dependent linear map A(t; c) y (its input is the network's input: cos and sin
+        of periodic coordinates, so the field stays periodic in them).
+
+    Examples
+    --------
+    >>> v = VelocityMLP(6, hidden=32, linear=True)
+    >>> v(torch.full((1, 1), 0.5), torch.zeros(4, 6)).shape
+    torch.Size([4, 6])
     """
 
     def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4, n_cond: int = 0,
-                 periodic: Sequence[int] = ()):
+                 periodic: Sequence[int] = (), linear: bool = False):
         super().__init__()
         if dim < 1 or hidden < 1 or n_layers < 1 or n_cond < 0:
             raise ValueError("dim, hidden and n_layers must be positive and n_cond >= 0")
@@ -57,6 +71,9 @@ class VelocityMLP(nn.Module):
         self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(n_layers - 1)])
         self.out = nn.Linear(hidden, dim)
         self.act = nn.SiLU()
+        self.linear = bool(linear)
+        n_basis = 2 + 2 * n_freq + self.n_cond  # [1, t, sin, cos, c]
+        self.lin_weight = nn.Parameter(torch.zeros(n_basis if self.linear else 0, dim, dim + len(per)))
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``t``: shape (1, 1) or (B, 1); ``y``: shape (B, D). Returns v with shape (B, D) at the
@@ -67,10 +84,23 @@ class VelocityMLP(nn.Module):
         """v(t, y; c) with ``c`` of shape (1 or t's rows, n_cond)."""
         tf = t * self.freqs
         feats = torch.cat([t, torch.sin(tf), torch.cos(tf), c.to(t.dtype).expand(t.shape[0], self.n_cond)], dim=-1)
-        h = self.act(self.inp(self.features(y)) + self.time_inp(feats))
+        f = self.features(y)
+        h = self.act(self.inp(f) + self.time_inp(feats))
         for layer in self.hidden:
             h = self.act(layer(h))
-        return self.out(h)
+        v = self.out(h)
+        if self.linear:
+            v = v + self._linear_part(torch.cat([torch.ones_like(t), feats], dim=-1), f)
+        return v
+
+    def _linear_part(self, basis: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """A(t; c) f for the basis functions (1 or B, J) and the network's input f (B, D + m)."""
+        w = self.lin_weight.to(f.dtype)
+        if basis.shape[0] == 1:  # one time value for the batch: build A once
+            a = (basis.to(f.dtype).reshape(-1, 1, 1) * w).sum(0)
+            return f @ a.t()
+        per_basis = (f @ w.reshape(-1, w.shape[2]).t()).reshape(f.shape[0], w.shape[0], w.shape[1])
+        return (basis.to(f.dtype).unsqueeze(-1) * per_basis).sum(1)
 
     def features(self, y: torch.Tensor) -> torch.Tensor:
         """The network's input for y (B, D): y itself, or [plain coordinates, cos, sin of the
@@ -88,6 +118,8 @@ class VelocityMLP(nn.Module):
                "n_freq": self.n_freq, "n_cond": self.n_cond}
         if self.periodic:
             cfg["periodic"] = list(self.periodic)
+        if self.linear:
+            cfg["linear"] = True
         return cfg
 
 
@@ -107,6 +139,8 @@ def guess_velocity_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
            "n_freq": n_freq, "n_cond": int(state["time_inp.weight"].shape[1]) - 1 - 2 * n_freq}
     if "periodic_index" in state and state["periodic_index"].numel():
         cfg["periodic"] = [int(i) for i in state["periodic_index"]]
+    if "lin_weight" in state and state["lin_weight"].numel():
+        cfg["linear"] = True
     return cfg
 
 
@@ -116,15 +150,16 @@ def velocity_from_state(config: Dict[str, Any], state: Dict[str, torch.Tensor]) 
         raise KeyError(f"velocity kind {config.get('kind')!r}")
     velocity = VelocityMLP(int(config["dim"]), hidden=int(config["hidden"]), n_layers=int(config["n_layers"]),
                            n_freq=int(config["n_freq"]), n_cond=int(config.get("n_cond", 0)),
-                           periodic=config.get("periodic", ()))
+                           periodic=config.get("periodic", ()), linear=bool(config.get("linear", False)))
     velocity.load_state_dict(with_condition(state, velocity.n_cond, velocity.periodic))
     return velocity
 
 
 def with_condition(state: Dict[str, torch.Tensor], n_cond: int = 0,
                    periodic: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
-    """A VelocityMLP state dict with the ``cond`` and index buffers (files written before
-    conditioning or periodic coordinates existed lack them: n_cond = 0, no periodic coordinates)."""
+    """A VelocityMLP state dict with the ``cond`` and index buffers and the linear map's weight
+    (files written before conditioning, periodic coordinates or the linear map existed lack them:
+    n_cond = 0, no periodic coordinates, no linear map)."""
     state = dict(state)
     if "cond" not in state:
         state["cond"] = torch.zeros(1, n_cond, dtype=state["freqs"].dtype)
@@ -133,4 +168,7 @@ def with_condition(state: Dict[str, torch.Tensor], n_cond: int = 0,
         dim = int(state["out.weight"].shape[0])
         state["periodic_index"] = torch.tensor(per, dtype=torch.long)
         state["plain_index"] = torch.tensor([i for i in range(dim) if i not in set(per)], dtype=torch.long)
+    if "lin_weight" not in state:
+        dim = int(state["out.weight"].shape[0])
+        state["lin_weight"] = torch.zeros(0, dim, int(state["inp.weight"].shape[1]), dtype=state["out.weight"].dtype)
     return state

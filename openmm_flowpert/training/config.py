@@ -26,6 +26,8 @@ class TrainingConfig:
     hidden: int = _opt(256, int, "width of the velocity MLP's hidden layers")
     n_layers: int = _opt(3, int, "hidden layers of the velocity MLP", aliases=("--layers",))
     n_freq: int = _opt(4, int, "Fourier frequencies of the velocity MLP's time embedding")
+    linear: bool = _opt(False, bool, "add a full linear map of the coordinates, its matrix a function of time, to the "
+                                     "velocity MLP (VelocityMLP's linear=True)")
     # the integrator of the trained flow
     n_steps: int = _opt(20, int, "integrator steps of the flow", aliases=("--steps",))
     grid: str = _opt("quadratic", str, "time grid: 'quadratic' (steps shrinking toward the data end) or 'uniform'",

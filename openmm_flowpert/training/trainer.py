@@ -45,7 +45,8 @@ class FlowTrainer:
         torch.manual_seed(int(config.seed))  # the initialization
         self.periodic = data.periodic
         self.velocity = VelocityMLP(data.dim, hidden=config.hidden, n_layers=config.n_layers,
-                                    n_freq=config.n_freq, n_cond=data.n_cond, periodic=self.periodic).to(self.device)
+                                    n_freq=config.n_freq, n_cond=data.n_cond, periodic=self.periodic,
+                                    linear=config.linear).to(self.device)
         self.ema_model = copy.deepcopy(self.velocity)
         for p in self.ema_model.parameters():
             p.requires_grad_(False)
