@@ -18,11 +18,11 @@ class VelocityMLP(nn.Module):
     initialization), is added to the MLP: the exact flow-matching field between Gaussians is linear
     in y with a time-dependent matrix, so the network then only learns what is not Gaussian. It
     costs one (D x D) matrix product per evaluation when the batch shares one time value (the
-    integrator) and (1 + J) of them per sample in training. ``c`` is a vector of ``n_cond`` conditioning features (e.g. log(T / T0) of a
-    temperature-conditioned flow); the compiled flow uses the buffer ``cond`` (1, n_cond), which
-    fixes the condition of one flow (:meth:`PerturbedFlow.at_temperature
-    <openmm_flowpert.PerturbedFlow.at_temperature>` sets it), while training passes a condition per
-    sample to :meth:`forward_cond`.
+    integrator) and (1 + J) of them per sample in training. ``c`` is a vector of ``n_cond``
+    conditioning features (e.g. log(T / T0) of a temperature-conditioned flow); the compiled flow
+    uses the buffer ``cond`` (1, n_cond), which fixes the condition of one flow
+    (:meth:`PerturbedFlow.at_temperature <openmm_flowpert.PerturbedFlow.at_temperature>` sets it),
+    while training passes a condition per sample to :meth:`forward_cond`.
 
     Parameters
     ----------
