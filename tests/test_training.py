@@ -64,6 +64,7 @@ def test_cli_spellings_old_and_new():
     assert p.parse_args(["train", "--data", "d", "--out", "f", "--linear"]).linear is True
     assert p.parse_args(["train", "--data", "d", "--out", "f", "--no-linear"]).linear is False
     assert new.linear is False and "--no-linear" in helptext
+    assert p.parse_args(["train", "--data", "d", "--out", "f", "--no-linear-torsions"]).linear_torsions is False
 
 
 def test_config_checks_and_minutes_alias(chain, chain_x):
@@ -122,6 +123,21 @@ def test_flow_records_sizes_transform_and_backend(chain, chain_x):
     assert m.transform == {"name": "internal-cdf", "config": {"n_atoms": 5}}   # the default for molecules
     assert m.noise_backend == fp.noise.backend() and m.training["epochs"] == 2
     assert FlowMetadata.from_json(m.to_json()) == m and m.to_json() == flow.metadata
+
+
+@pytest.mark.parametrize("coordinates", ["internal-cdf", "internal-torus"])
+def test_linear_map_without_torsions(chain, chain_x, coordinates):
+    """``linear_torsions=False``: the transform's torsions (every third coordinate from the sixth,
+    on the line or on the circle) are excluded from the linear map, recorded in the flow file; the
+    linear map of the trained flow couples the bonds and angles only."""
+    flow = fp.train_flow(chain_x, topology=chain.topology, coordinates=coordinates, linear=True,
+                         linear_torsions=False, **SMALL)
+    assert flow.info.velocity["linear_exclude"] == [5, 8]
+    assert flow.info.training["linear_torsions"] is False
+    velocity, _ = flow.parts()
+    a = velocity.lin_weight.detach().abs().sum(0)  # (D, D + m)
+    assert a[[5, 8]].max() == 0 and a.max() > 0
+    assert torch.equal(velocity.lin_mask[[5, 8]], torch.zeros(2, a.shape[1], dtype=velocity.lin_mask.dtype))
 
 
 def test_old_metadata_still_loads_and_rescripts(chain, chain_x, tmp_path):

@@ -70,6 +70,37 @@ def test_a_flow_with_a_linear_field_inverts_exactly_and_survives_its_file(tmp_pa
         assert abs(float(prop.log_q[i]) - expected) < 1e-8
 
 
+def test_excluded_coordinates_are_neither_inputs_nor_outputs_of_the_linear_map(tmp_path):
+    """``linear_exclude`` (the torsions with ``train_flow(linear_torsions=False)``): with the MLP's
+    output at zero, v's excluded rows are 0 and v does not change when excluded coordinates move
+    (a periodic one enters through cos and sin, both masked); in both time paths, compiled, and
+    after a flow file's round trip."""
+    torch.manual_seed(1)
+    v = VelocityMLP(6, hidden=8, n_layers=1, n_freq=2, linear=True, periodic=[1, 4], linear_exclude=[1, 2]).double()
+    with torch.no_grad():
+        v.lin_weight.normal_(0.0, 0.5)
+        v.out.weight.zero_()
+        v.out.bias.zero_()
+    y = torch.randn(5, 6, dtype=torch.float64)
+    moved = y.clone()
+    moved[:, 1] += 0.7
+    moved[:, 2] -= 1.3
+    path = str(tmp_path / "excl.pt")
+    fp.PerturbedFlow.build(v, time_grid(4)).save(path)
+    again = fp.PerturbedFlow.load(path).rescripted()
+    assert again.info.velocity["linear_exclude"] == [1, 2]
+    for field in (v, torch.jit.script(v), again.module.cnf.velocity):
+        for t in (torch.full((1, 1), 0.4, dtype=torch.float64), torch.full((5, 1), 0.4, dtype=torch.float64)):
+            out = field(t, y)
+            assert out[:, [1, 2]].abs().max() == 0.0
+            assert (field(t, moved) - out).abs().max() < 1e-12
+            assert out.abs().max() > 0.1  # the other entries are not masked
+    excluded = VelocityMLP(4, linear=True, linear_exclude=[0, 3])
+    assert excluded.lin_mask.sum() == 2 * 2
+    with pytest.raises(ValueError, match="outside"):
+        VelocityMLP(4, linear=True, linear_exclude=[4])
+
+
 def test_old_velocity_states_load_without_a_linear_map():
     """A state dict written before the linear map existed (no ``lin_weight``) loads as linear=False."""
     v = VelocityMLP(3, hidden=8, n_layers=1)

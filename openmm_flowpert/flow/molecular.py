@@ -188,6 +188,9 @@ class NormalizedInternal(FixedTransform):
     def cnf_particles(self) -> int:
         return 0
 
+    def torsions(self) -> List[int]:
+        return list(range(5, self.dim, 3))
+
     # -- the map -----------------------------------------------------------------------------------
     def _torsion_logdet(self, v: torch.Tensor) -> torch.Tensor:
         # log(pi (1 - tanh^2 v)) = log pi + 2 log 2 - 2 |v| - 2 log1p(exp(-2 |v|)), summed

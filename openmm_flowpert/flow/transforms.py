@@ -100,6 +100,11 @@ class FixedTransform(nn.Module):
         then be 2 pi-periodic in them, log-det included. Default: none."""
         return []
 
+    def torsions(self) -> List[int]:
+        """Indices of the CNF coordinates that are torsions of a molecule (on the line or on the
+        circle). Default: none."""
+        return []
+
 
 @register_transform
 class Affine(FixedTransform):

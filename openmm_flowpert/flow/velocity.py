@@ -41,6 +41,10 @@ class VelocityMLP(nn.Module):
     linear : bool
         Add the time-dependent linear map A(t; c) y (its input is the network's input: cos and sin
         of periodic coordinates, so the field stays periodic in them).
+    linear_exclude : sequence of int
+        Coordinates the linear map leaves out, as inputs and as outputs (default: none); e.g. the
+        torsions of an internal-coordinate flow, whose multimodal distribution a linear map fitted to
+        the main basin extrapolates badly into the others.
 
     Examples
     --------
@@ -50,7 +54,7 @@ class VelocityMLP(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4, n_cond: int = 0,
-                 periodic: Sequence[int] = (), linear: bool = False):
+                 periodic: Sequence[int] = (), linear: bool = False, linear_exclude: Sequence[int] = ()):
         super().__init__()
         if dim < 1 or hidden < 1 or n_layers < 1 or n_cond < 0:
             raise ValueError("dim, hidden and n_layers must be positive and n_cond >= 0")
@@ -74,6 +78,28 @@ class VelocityMLP(nn.Module):
         self.linear = bool(linear)
         n_basis = 2 + 2 * n_freq + self.n_cond  # [1, t, sin, cos, c]
         self.lin_weight = nn.Parameter(torch.zeros(n_basis if self.linear else 0, dim, dim + len(per)))
+        self.linear_exclude = sorted({int(i) for i in linear_exclude})
+        if self.linear_exclude and not (0 <= self.linear_exclude[0] and self.linear_exclude[-1] < dim):
+            raise ValueError(f"linear_exclude {self.linear_exclude} is outside 0 .. {dim - 1}")
+        # which entries of A may be nonzero (rebuilt from the config, so not part of the state dict)
+        self.register_buffer("lin_mask", self._linear_mask(), persistent=False)
+
+    def _linear_mask(self) -> torch.Tensor:
+        """(D, D + m) of 0/1: rows (outputs) and columns (inputs, cos and sin of a periodic one) of
+        the excluded coordinates are 0; (0, 0) without a linear map."""
+        if not self.linear:
+            return torch.zeros(0, 0)
+        mask = torch.ones(self.dim, self.dim + self.n_periodic)
+        plain = [i for i in range(self.dim) if i not in set(self.periodic)]
+        for i in self.linear_exclude:
+            mask[i] = 0.0
+            if i in self.periodic:
+                k = len(plain) + self.periodic.index(i)
+                mask[:, k] = 0.0
+                mask[:, k + self.n_periodic] = 0.0
+            else:
+                mask[:, plain.index(i)] = 0.0
+        return mask
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``t``: shape (1, 1) or (B, 1); ``y``: shape (B, D). Returns v with shape (B, D) at the
@@ -97,8 +123,9 @@ class VelocityMLP(nn.Module):
         """A(t; c) f for the basis functions (1 or B, J) and the network's input f (B, D + m)."""
         w = self.lin_weight.to(f.dtype)
         if basis.shape[0] == 1:  # one time value for the batch: build A once
-            a = (basis.to(f.dtype).reshape(-1, 1, 1) * w).sum(0)
+            a = (basis.to(f.dtype).reshape(-1, 1, 1) * w).sum(0) * self.lin_mask.to(f.dtype)
             return f @ a.t()
+        w = w * self.lin_mask.to(f.dtype)
         per_basis = (f @ w.reshape(-1, w.shape[2]).t()).reshape(f.shape[0], w.shape[0], w.shape[1])
         return (basis.to(f.dtype).unsqueeze(-1) * per_basis).sum(1)
 
@@ -120,6 +147,8 @@ class VelocityMLP(nn.Module):
             cfg["periodic"] = list(self.periodic)
         if self.linear:
             cfg["linear"] = True
+        if self.linear_exclude:
+            cfg["linear_exclude"] = list(self.linear_exclude)
         return cfg
 
 
@@ -150,7 +179,8 @@ def velocity_from_state(config: Dict[str, Any], state: Dict[str, torch.Tensor]) 
         raise KeyError(f"velocity kind {config.get('kind')!r}")
     velocity = VelocityMLP(int(config["dim"]), hidden=int(config["hidden"]), n_layers=int(config["n_layers"]),
                            n_freq=int(config["n_freq"]), n_cond=int(config.get("n_cond", 0)),
-                           periodic=config.get("periodic", ()), linear=bool(config.get("linear", False)))
+                           periodic=config.get("periodic", ()), linear=bool(config.get("linear", False)),
+                           linear_exclude=config.get("linear_exclude", ()))
     velocity.load_state_dict(with_condition(state, velocity.n_cond, velocity.periodic))
     return velocity
 
@@ -161,6 +191,7 @@ def with_condition(state: Dict[str, torch.Tensor], n_cond: int = 0,
     (files written before conditioning, periodic coordinates or the linear map existed lack them:
     n_cond = 0, no periodic coordinates, no linear map)."""
     state = dict(state)
+    state.pop("lin_mask", None)  # rebuilt from the config (a compiled module's state dict has it)
     if "cond" not in state:
         state["cond"] = torch.zeros(1, n_cond, dtype=state["freqs"].dtype)
     if "periodic_index" not in state:

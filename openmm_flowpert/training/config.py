@@ -28,6 +28,9 @@ class TrainingConfig:
     n_freq: int = _opt(4, int, "Fourier frequencies of the velocity MLP's time embedding")
     linear: bool = _opt(False, bool, "add a full linear map of the coordinates, its matrix a function of time, to the "
                                      "velocity MLP (VelocityMLP's linear=True)")
+    linear_torsions: bool = _opt(True, bool, "with --linear: the linear map includes the torsions of an "
+                                             "internal-coordinate flow (--no-linear-torsions: bonds and angles "
+                                             "only)")
     # the integrator of the trained flow
     n_steps: int = _opt(20, int, "integrator steps of the flow", aliases=("--steps",))
     grid: str = _opt("quadratic", str, "time grid: 'quadratic' (steps shrinking toward the data end) or 'uniform'",

@@ -66,6 +66,11 @@ class TrainingData:
         """CNF coordinates that are angles on the circle (the transform's; none without one)."""
         return [] if self.transform is None else list(self.transform.periodic())
 
+    @property
+    def torsions(self) -> List[int]:
+        """CNF coordinates that are torsions (the transform's; none without one)."""
+        return [] if self.transform is None else list(self.transform.torsions())
+
 
 def as_samples(samples, remove_com: Optional[bool]):
     """Checked float64 samples flattened to (n, 3N or d), their atom count and the mean-free choice."""

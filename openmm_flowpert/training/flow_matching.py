@@ -43,6 +43,7 @@ _D = DEFAULTS
 def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, remove_com: Optional[bool] = None,
                n_steps: int = _D.n_steps, grid: str = _D.grid, scheme: str = _D.scheme, hidden: int = _D.hidden,
                n_layers: int = _D.n_layers, n_freq: int = _D.n_freq, linear: bool = _D.linear,
+               linear_torsions: bool = _D.linear_torsions,
                epochs: int = _D.epochs,
                batch_size: int = _D.batch_size, lr: float = _D.lr, weight_decay: float = _D.weight_decay,
                ema: float = _D.ema, validation_fraction: float = _D.validation_fraction,
@@ -72,8 +73,8 @@ def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, rem
     remove_com : bool, optional
         Cartesian flows: work in the mean-free subspace (d = 3N - 3). Default: True for molecular
         samples; must be False for (n, d) arrays.
-    n_steps, grid, scheme, hidden, n_layers, n_freq, linear, epochs, batch_size, lr, weight_decay, ema, \
-validation_fraction, patience, minutes, likelihood_minutes, likelihood_lr, prior_scale, seed
+    n_steps, grid, scheme, hidden, n_layers, n_freq, linear, linear_torsions, epochs, batch_size, lr, weight_decay, \
+ema, validation_fraction, patience, minutes, likelihood_minutes, likelihood_lr, prior_scale, seed
         Hyperparameters, described (with their defaults, shared with ``flowpert train``) in
         :class:`~openmm_flowpert.training.TrainingConfig`. Equal seeds give equal flows.
     temperature : float, optional
@@ -121,7 +122,8 @@ validation_fraction, patience, minutes, likelihood_minutes, likelihood_lr, prior
         if minutes is not None:
             raise ValueError("pass minutes= only (max_minutes is its former name)")
         minutes = max_minutes
-    config = TrainingConfig(hidden=hidden, n_layers=n_layers, n_freq=n_freq, linear=linear, n_steps=n_steps, grid=grid,
+    config = TrainingConfig(hidden=hidden, n_layers=n_layers, n_freq=n_freq, linear=linear,
+                            linear_torsions=linear_torsions, n_steps=n_steps, grid=grid,
                             scheme=scheme, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             ema=ema, validation_fraction=validation_fraction, patience=patience, minutes=minutes,
                             likelihood_minutes=likelihood_minutes, likelihood_lr=likelihood_lr,
@@ -162,7 +164,8 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
     trainer.fit(checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
     info = {"epochs": trainer.epoch, "best_validation_loss": trainer.best,
             "wall_time_s": round(trainer.elapsed(), 2), "hidden": config.hidden, "n_layers": config.n_layers,
-            "n_freq": config.n_freq, "linear": bool(config.linear), "n_samples": int(data.x.shape[0]),
+            "n_freq": config.n_freq, "linear": bool(config.linear),
+            "linear_torsions": bool(config.linear_torsions), "n_samples": int(data.x.shape[0]),
             "seed": int(config.seed),
             "coordinates": coordinates, "device": str(tdev), "mixed_precision": bool(mixed_precision)}
     velocity = trainer.best_velocity()

@@ -152,7 +152,8 @@ def _flow_matching(velocity: torch.nn.Module, y: torch.Tensor, flow, transform, 
     of the best validation loss (the starting weights when no epoch improves on them)."""
     cfg = velocity.config()
     config = TrainingConfig(hidden=cfg["hidden"], n_layers=cfg["n_layers"], n_freq=cfg["n_freq"],
-                            linear=bool(cfg.get("linear", False)), epochs=epochs,
+                            linear=bool(cfg.get("linear", False)),
+                            linear_torsions=not cfg.get("linear_exclude"), epochs=epochs,
                             batch_size=batch_size, lr=lr, ema=ema, prior_scale=flow.prior_scale, seed=seed)
     y_train, y_val = split(y, 0.1, gen, torch.device("cpu"))
     data = TrainingData(torch.zeros(0, 0), flow.n_atoms, flow.remove_com, transform, flow.info.latent_particles,

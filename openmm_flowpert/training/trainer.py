@@ -46,7 +46,8 @@ class FlowTrainer:
         self.periodic = data.periodic
         self.velocity = VelocityMLP(data.dim, hidden=config.hidden, n_layers=config.n_layers,
                                     n_freq=config.n_freq, n_cond=data.n_cond, periodic=self.periodic,
-                                    linear=config.linear).to(self.device)
+                                    linear=config.linear,
+                                    linear_exclude=() if config.linear_torsions else data.torsions).to(self.device)
         self.ema_model = copy.deepcopy(self.velocity)
         for p in self.ema_model.parameters():
             p.requires_grad_(False)
