@@ -95,6 +95,7 @@ def test_excluded_coordinates_are_neither_inputs_nor_outputs_of_the_linear_map(t
             assert out[:, [1, 2]].abs().max() == 0.0
             assert (field(t, moved) - out).abs().max() < 1e-12
             assert out.abs().max() > 0.1  # the other entries are not masked
+    assert VelocityMLP(4, linear_exclude=[0]).config().get("linear_exclude") is None  # no linear map
     excluded = VelocityMLP(4, linear=True, linear_exclude=[0, 3])
     assert excluded.lin_mask.sum() == 2 * 2
     with pytest.raises(ValueError, match="outside"):

@@ -42,9 +42,9 @@ class VelocityMLP(nn.Module):
         Add the time-dependent linear map A(t; c) y (its input is the network's input: cos and sin
         of periodic coordinates, so the field stays periodic in them).
     linear_exclude : sequence of int
-        Coordinates the linear map leaves out, as inputs and as outputs (default: none); e.g. the
-        torsions of an internal-coordinate flow, whose multimodal distribution a linear map fitted to
-        the main basin extrapolates badly into the others.
+        Coordinates the linear map leaves out, as inputs and as outputs (default: none; ignored
+        without the linear map); e.g. the torsions of an internal-coordinate flow, whose multimodal
+        distribution a linear map fitted to the main basin extrapolates badly into the others.
 
     Examples
     --------
@@ -78,7 +78,7 @@ class VelocityMLP(nn.Module):
         self.linear = bool(linear)
         n_basis = 2 + 2 * n_freq + self.n_cond  # [1, t, sin, cos, c]
         self.lin_weight = nn.Parameter(torch.zeros(n_basis if self.linear else 0, dim, dim + len(per)))
-        self.linear_exclude = sorted({int(i) for i in linear_exclude})
+        self.linear_exclude = sorted({int(i) for i in linear_exclude}) if self.linear else []
         if self.linear_exclude and not (0 <= self.linear_exclude[0] and self.linear_exclude[-1] < dim):
             raise ValueError(f"linear_exclude {self.linear_exclude} is outside 0 .. {dim - 1}")
         # which entries of A may be nonzero (rebuilt from the config, so not part of the state dict)
