@@ -189,7 +189,7 @@ class NormalizedInternal(FixedTransform):
         return 0
 
     def torsions(self) -> List[int]:
-        return list(range(5, self.dim, 3))
+        return torch.nonzero(self.is_torsion).flatten().tolist()
 
     # -- the map -----------------------------------------------------------------------------------
     def _torsion_logdet(self, v: torch.Tensor) -> torch.Tensor:

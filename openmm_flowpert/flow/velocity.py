@@ -90,7 +90,7 @@ class VelocityMLP(nn.Module):
         if not self.linear:
             return torch.zeros(0, 0)
         mask = torch.ones(self.dim, self.dim + self.n_periodic)
-        plain = [i for i in range(self.dim) if i not in set(self.periodic)]
+        plain = self.plain_index.tolist()  # the input columns, as features() orders them
         for i in self.linear_exclude:
             mask[i] = 0.0
             if i in self.periodic:
