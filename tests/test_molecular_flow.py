@@ -22,7 +22,8 @@ DT = torch.float64
 
 # The test-scale schedule (a few hundred optimizer steps): the train_flow defaults before they became
 # the command line's (lr 1e-3, EMA 0.999, no early stopping, for hundreds of epochs); the margins
-# and thresholds below were measured with it.
+# and thresholds below were measured with it, and (since 2026-12-05) with the default linear map of
+# the bonds and angles in every internal-coordinate flow.
 SHORT = dict(lr=2e-3, ema=0.995, patience=20)
 
 
@@ -158,9 +159,9 @@ def test_fp_pp_unbiased_through_composed_flow(chain, chain_flow):
     the variant without the torsion-cut Jacobian is detectably biased (> 4 SE).
 
     Measured over chain seeds 11-15 (the test uses 11; the raw sample seed 9-13 with it, the test uses 9):
-      exact:                    z -0.47 -1.32 -0.28 +0.24 +0.31 (SE 0.0088-0.0098, bar 0.015)
-      raw flow (in chain SEs):  -17.9 -17.1 -18.7 -15.9 -17.1 (bar: 8)
-      without the cut Jacobian: z -7.70 -8.79 -6.98 -6.72 -6.39 (bar: 4)
+      exact:                    z -0.69 -0.88 -0.10 +0.47 +0.45 (SE 0.0086-0.0095, bar 0.015)
+      raw flow (in chain SEs):  -18.3 -17.1 -19.1 -16.6 -17.9 (bar: 8)
+      without the cut Jacobian: z -8.64 -7.87 -7.60 -6.72 -6.64 (bar: 4)
     """
     exact = chain.exact_trans_fraction
     (m, se), (m_bad, se_bad) = _trans_chains(chain, chain_flow)
@@ -177,10 +178,10 @@ def test_fp_pp_unbiased_through_marginal_torsion_map(chain, chain_flow_cdf):
     detected (> 4 SE).
 
     Measured over chain seeds 11-15 (the test uses 11; raw samples with seeds 9-13, the test uses 9):
-      exact:                        z +0.66 -0.89 +0.91 +0.07 -2.03 (SE 0.0044-0.0052: half the tanh
+      exact:                        z +1.01 -0.42 +0.24 +1.23 -0.34 (SE 0.0046-0.0050: half the tanh
                                     map's, because the fp++ chains accept more often)
-      raw flow (in chain SEs):      -33.9 -33.1 -36.2 -34.6 -37.1 (bar: 8)
-      without the map's Jacobian:   z -9.60 -8.79 -8.64 -7.60 -10.82 (bar: 4)
+      raw flow (in chain SEs):      -34.5 -36.4 -36.8 -37.3 -35.6 (bar: 8)
+      without the map's Jacobian:   z -9.29 -7.61 -7.22 -7.33 -10.60 (bar: 4)
     """
     exact = chain.exact_trans_fraction
     (m, se), (m_bad, se_bad) = _trans_chains(chain, chain_flow_cdf)
@@ -212,9 +213,9 @@ def test_fp_pp_unbiased_through_the_circle(chain, chain_flow_circle):
     marginals are three equal wells, so f barely tilts the trans fraction: z +0.3 to +2.4.)
 
     Measured over chain seeds 11-15 (the test uses 11; raw samples with seeds 9-13, the test uses 9):
-      exact:                        z +0.34 -0.53 +0.50 +0.03 -0.27 (SE 0.0045-0.0051)
-      raw flow (in chain SEs):      -34.0 -34.8 -34.5 -35.5 -36.4 (bar: 8)
-      Gaussian torsion prior:       z +8.01 +5.96 +8.09 +7.90 +6.42 (bar: 4)
+      exact:                        z +1.09 -1.05 +0.04 +0.28 +0.50 (SE 0.0045-0.0053)
+      raw flow (in chain SEs):      -34.0 -35.1 -33.4 -36.6 -36.5 (bar: 8)
+      Gaussian torsion prior:       z +7.64 +5.24 +8.12 +7.37 +5.97 (bar: 4)
     """
     exact = chain.exact_trans_fraction
     (m, se), (m_bad, se_bad) = _trans_chains(chain, chain_flow_circle,
@@ -232,8 +233,8 @@ def test_run_metropolis_exact_on_chain(chain, chain_flow, proposal, estimator, n
     """Both proposal kinds through run_metropolis (latent-local moves mix slower: longer chains).
 
     Measured z over run seeds 7-11 (the test uses 7):
-      independent fp++: +0.89 +0.78 -1.88 -0.56 -0.52 (acceptance 0.24-0.26)
-      latent fp:        -0.94 +2.10 +0.11 -1.06 +1.88 (acceptance 0.44-0.45)
+      independent fp++: -0.25 +1.57 -1.81 -0.23 -0.18 (acceptance 0.24-0.26)
+      latent fp:        -0.12 +2.60 +0.48 -0.02 +1.59 (acceptance 0.47)
     """
     res = fp.run_metropolis(chain_flow, chain.energy, 256, n_iter, proposal=proposal, estimator=estimator,
                             k=4, k_eps=2, seed=7, store_positions=False, observable=chain.trans_fraction)
@@ -247,7 +248,7 @@ def test_latent_moves_exact_on_the_circle(chain, chain_flow_circle):
     """Latent-local fp moves of a circle flow: the standard-normal state w maps to uniform torsion
     latents (z = 2 pi Phi(w) - pi) and back in the refresh, and the trans fraction is exact (3 SE).
 
-    Measured z over run seeds 7-11 (the test uses 7): -0.07 -0.86 +0.22 -0.62 +0.31 (acceptance 0.73)
+    Measured z over run seeds 7-11 (the test uses 7): -0.13 +0.01 -0.46 -0.25 -0.39 (acceptance 0.76)
     """
     res = fp.run_metropolis(chain_flow_circle, chain.energy, 256, 200, proposal="latent", estimator="fp",
                             k=4, k_eps=2, seed=7, store_positions=False, observable=chain.trans_fraction)
@@ -270,8 +271,9 @@ def ala_md():
 
 # Margin that the test-scale recipe (3,000 MD frames, 25 epochs of a 2 x 64 MLP, a few seconds)
 # guarantees. Proposal minus MD median energy over training seeds 0-4 (the test uses 0): internal
-# 13.6 13.9 13.2 12.9 12.2 kT (bar 25); Cartesian 8.6e6 1.5e7 1.8e7 1.3e7 1.3e7 kT (bar 4 x 25 = 100),
-# the failure mode of docs/algorithm.md section 10.
+# 7.1 6.9 6.8 6.3 5.5 kT (bar 25; 12-14 kT before the linear map of bonds and angles became the
+# default); Cartesian 8.6e6 1.5e7 1.8e7 1.3e7 1.3e7 kT (bar 4 x 25 = 100), the failure mode of
+# docs/algorithm.md section 10.
 ENERGY_MARGIN_KT = 25.0
 
 

@@ -63,8 +63,9 @@ def test_cli_spellings_old_and_new():
     # a boolean field is a switch (argparse's type=bool would read "--linear False" as True)
     assert p.parse_args(["train", "--data", "d", "--out", "f", "--linear"]).linear is True
     assert p.parse_args(["train", "--data", "d", "--out", "f", "--no-linear"]).linear is False
-    assert new.linear is False and "--no-linear" in helptext
-    assert p.parse_args(["train", "--data", "d", "--out", "f", "--no-linear-torsions"]).linear_torsions is False
+    assert new.linear is None and "--no-linear" in helptext  # None: on for internal coordinates (see below)
+    assert new.linear_torsions is False
+    assert p.parse_args(["train", "--data", "d", "--out", "f", "--linear-torsions"]).linear_torsions is True
 
 
 def test_config_checks_and_minutes_alias(chain, chain_x):
@@ -119,10 +120,23 @@ def test_registered_transforms_rebuild_from_spec(chain, chain_x, coordinates):
 def test_flow_records_sizes_transform_and_backend(chain, chain_x):
     flow = fp.train_flow(chain_x, topology=chain.topology, n_freq=3, **SMALL)
     m = flow.info
-    assert m.velocity == {"kind": "VelocityMLP", "dim": 9, "hidden": 16, "n_layers": 2, "n_freq": 3, "n_cond": 0}
-    assert m.transform == {"name": "internal-cdf", "config": {"n_atoms": 5}}   # the default for molecules
+    # the defaults for molecules: internal coordinates, a linear map of the bonds and angles (not the torsions)
+    assert m.velocity == {"kind": "VelocityMLP", "dim": 9, "hidden": 16, "n_layers": 2, "n_freq": 3, "n_cond": 0,
+                          "linear": True, "linear_exclude": [5, 8]}
+    assert m.transform == {"name": "internal-cdf", "config": {"n_atoms": 5}}
+    assert (m.training["linear"], m.training["linear_torsions"]) == (True, False)
     assert m.noise_backend == fp.noise.backend() and m.training["epochs"] == 2
     assert FlowMetadata.from_json(m.to_json()) == m and m.to_json() == flow.metadata
+
+
+def test_linear_map_default_per_transform(chain, chain_x):
+    """``linear=None`` (the default) is on for a molecule in internal coordinates and off for
+    mean-free Cartesians and abstract targets, whose flows have no torsions; an explicit value wins."""
+    assert "linear" not in fp.train_flow(chain_x, coordinates="cartesian", **SMALL).info.velocity
+    assert "linear" not in fp.train_flow(chain_x.reshape(len(chain_x), -1), remove_com=False,
+                                         **SMALL).info.velocity
+    off = fp.train_flow(chain_x, topology=chain.topology, linear=False, **SMALL)
+    assert "linear" not in off.info.velocity and off.info.training["linear"] is False
 
 
 @pytest.mark.parametrize("coordinates", ["internal-cdf", "internal-torus"])

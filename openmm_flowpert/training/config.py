@@ -26,11 +26,13 @@ class TrainingConfig:
     hidden: int = _opt(256, int, "width of the velocity MLP's hidden layers")
     n_layers: int = _opt(3, int, "hidden layers of the velocity MLP", aliases=("--layers",))
     n_freq: int = _opt(4, int, "Fourier frequencies of the velocity MLP's time embedding")
-    linear: bool = _opt(False, bool, "add a full linear map of the coordinates, its matrix a function of time, to the "
-                                     "velocity MLP (VelocityMLP's linear=True)")
-    linear_torsions: bool = _opt(True, bool, "with --linear: the linear map includes the torsions of an "
-                                             "internal-coordinate flow (--no-linear-torsions: bonds and angles "
-                                             "only)")
+    linear: Optional[bool] = _opt(None, bool, "add a linear map of the coordinates, its matrix a function of time, "
+                                              "to the velocity MLP (VelocityMLP's linear=True; default: on for "
+                                              "molecules in internal coordinates, off for Cartesian flows and "
+                                              "abstract targets)")
+    linear_torsions: bool = _opt(False, bool, "the linear map includes the torsions of an internal-coordinate flow "
+                                              "(default: bonds and angles only; with the torsions it loses rare "
+                                              "conformational basins)")
     # the integrator of the trained flow
     n_steps: int = _opt(20, int, "integrator steps of the flow", aliases=("--steps",))
     grid: str = _opt("quadratic", str, "time grid: 'quadratic' (steps shrinking toward the data end) or 'uniform'",

@@ -42,7 +42,7 @@ _D = DEFAULTS
 
 def train_flow(samples, *, topology=None, coordinates: Optional[str] = None, remove_com: Optional[bool] = None,
                n_steps: int = _D.n_steps, grid: str = _D.grid, scheme: str = _D.scheme, hidden: int = _D.hidden,
-               n_layers: int = _D.n_layers, n_freq: int = _D.n_freq, linear: bool = _D.linear,
+               n_layers: int = _D.n_layers, n_freq: int = _D.n_freq, linear: Optional[bool] = _D.linear,
                linear_torsions: bool = _D.linear_torsions,
                epochs: int = _D.epochs,
                batch_size: int = _D.batch_size, lr: float = _D.lr, weight_decay: float = _D.weight_decay,
@@ -162,6 +162,7 @@ def _train(samples, config: TrainingConfig, *, topology, coordinates: Optional[s
     if checkpoint is not None and os.path.exists(checkpoint):
         load_checkpoint(checkpoint, trainer)
     trainer.fit(checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
+    config = trainer.config  # with the default of ``linear`` resolved
     info = {"epochs": trainer.epoch, "best_validation_loss": trainer.best,
             "wall_time_s": round(trainer.elapsed(), 2), "hidden": config.hidden, "n_layers": config.n_layers,
             "n_freq": config.n_freq, "linear": bool(config.linear),

@@ -33,11 +33,15 @@ class FlowTrainer:
     ``generator`` is the seeded generator that split the data; batches, their prior samples and
     times continue on it. :meth:`state_dict` / :meth:`load_state_dict` hold everything a resumed
     run needs to continue bit for bit (weights, EMA, optimizer, schedule, generator, best epoch).
-    ``started``: the wall-clock time the run's budget counts from (default: now).
+    ``config.linear=None`` becomes True when the data's transform has torsions (a molecule in
+    internal coordinates), False otherwise. ``started``: the wall-clock time the run's budget
+    counts from (default: now).
     """
 
     def __init__(self, data: TrainingData, config: TrainingConfig, generator: torch.Generator,
                  device="cpu", mixed_precision: bool = False, started: Optional[float] = None):
+        if config.linear is None:  # the default: a linear map for molecules in internal coordinates
+            config = dataclasses.replace(config, linear=bool(data.torsions))
         self.data, self.config, self.gen = data, config, generator
         self.device = torch.device(device)
         self.mixed_precision = bool(mixed_precision)
