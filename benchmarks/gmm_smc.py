@@ -33,10 +33,10 @@ from openmm_flowpert.testsystems import GaussianMixtureField, GaussianMixtureTar
 from openmm_flowpert.training.importance import kish_fraction  # noqa: E402
 
 
-def time_weights(flow, estimator, n_probes, n, seed=0):
+def time_weights(flow, estimator, n_probes, n, exact_inverse, seed=0):
     noise = fp.Noise(seed)
     t0 = time.perf_counter()
-    flow.propose(n, noise, estimator=estimator, n_probes=n_probes)
+    flow.propose(n, noise, estimator=estimator, n_probes=n_probes, exact_inverse=exact_inverse)
     return (time.perf_counter() - t0) / n
 
 
@@ -82,7 +82,8 @@ def main():
     p.add_argument("--importance", type=int, default=0, metavar="N",
                    help="instead of SMC: N independent proposals per method, their var log W, finite share, "
                         "importance estimates and Kish ESS (the estimators compared at equal sample count)")
-    p.add_argument("--fast-inverse", action="store_true", help="exact_inverse=False for the proposals")
+    p.add_argument("--fast-inverse", action="store_true",
+                   help="exact_inverse=False for the proposals (importance) and the SMC moves")
     p.add_argument("--json")
     args = p.parse_args()
     if args.flow_steps is None:
@@ -108,7 +109,7 @@ def main():
             out["methods"][m] = row = importance(flow, gmm, est, n_pr, n, not args.fast_inverse, args.seed)
             print(m, json.dumps(row), flush=True)
             continue
-        per = time_weights(flow, est, n_pr, 8 if est == "jacobian" and args.dim > 100 else 64)
+        per = time_weights(flow, est, n_pr, 8 if est == "jacobian" and args.dim > 100 else 64, not args.fast_inverse)
         predicted = per * args.walkers * (args.sweeps * args.steps + 1)
         row = {"seconds_per_weight": per, "predicted_smc_s": predicted}
         if predicted <= args.max_seconds:
@@ -116,7 +117,8 @@ def main():
             for rep in range(args.repeats):
                 smc = fp.FlowPerturbationSMC(flow, gmm.energy, n_walkers=args.walkers, n_annealing_steps=args.steps,
                                              sweeps=args.sweeps, k=tuple(k), k_eps=tuple(k), estimator=est,
-                                             n_probes=n_pr, seed=args.seed + rep)
+                                             n_probes=n_pr, seed=args.seed + rep,
+                                             exact_inverse=not args.fast_inverse)
                 r = smc.run(progress=True)
                 ok = torch.isfinite(r.log_w)
                 runs.append([r.estimate((r.x[:, 0] < 0).double()), r.estimate(gmm.energy(r.x)), r.log_z,
