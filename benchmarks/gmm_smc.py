@@ -4,6 +4,7 @@
     python benchmarks/gmm_smc.py --dim 1000 --walkers 256  --steps 200 --hidden 256 --epochs 15
     python benchmarks/gmm_smc.py --dim 100  --walkers 256  --steps 50 --exact-field --flow-steps 32
     python benchmarks/gmm_smc.py --dim 1000 --exact-field --flow-steps 64 --importance 256
+    python benchmarks/gmm_smc.py --dim 1000 --exact-field --flow-steps 64 --fast-inverse --metropolis 32 40
 
 Trains a flow on exact samples drawn 50/50 from the two wells (so reweighting must recover
 1/4 : 3/4), or with ``--exact-field`` uses the exact flow-matching field of that 50/50 mixture
@@ -12,7 +13,9 @@ steps on the quadratic grid, 32 by default), then runs SMC on the weight exponen
 jacobian, hutchinson(1) and hutchinson(10). Reports per method: fraction with x0 < 0 (exact 0.25), weighted mean reduced
 energy (exact by direct sampling), final acceptance, variance of log W over the final walkers,
 log Z (exact 0), wall time, and the cost of one weight evaluation. Methods whose SMC would not fit
-the budget (``--max-seconds``) are timed on a few weight evaluations only.
+the budget (``--max-seconds``) are timed on a few weight evaluations only. ``--importance N`` and
+``--metropolis CHAINS ITERS`` replace SMC by independent proposals or by independence Metropolis
+chains started from exact samples.
 """
 import argparse
 import json
@@ -60,6 +63,22 @@ def importance(flow, gmm, estimator, n_probes, n, exact_inverse, seed=0, chunk=1
             "mean_u": list(weighted_mean_and_se(u[ok], w))}
 
 
+def metropolis(flow, gmm, estimator, chains, iters, exact_inverse, seed=0):
+    """Independence Metropolis: ``chains`` chains started from exact target samples (stationary from
+    the start) x ``iters`` proposals; acceptance, P(x0 < 0) and <u> (kT) with SEs from the chain means."""
+    t0 = time.perf_counter()
+    res = fp.run_metropolis(flow, gmm.energy, chains, iters, estimator=estimator, x0=gmm.sample(chains, seed=seed),
+                            seed=seed, exact_inverse=exact_inverse, store_positions=False,
+                            observable=lambda x: (x[:, 0] < 0).double(), progress=True)
+
+    def mean_se(a):
+        m = a.double().mean(0).numpy()
+        return [float(m.mean()), float(m.std(ddof=1) / np.sqrt(len(m)))]
+    return {"acceptance": float(res.accepted.double().mean()), "n_nonfinite": res.n_nonfinite,
+            "fraction_left": mean_se(res.observables), "mean_u": mean_se(res.reduced_energies),
+            "seconds_per_weight": (time.perf_counter() - t0) / (chains * (iters + 1))}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=10)
@@ -82,6 +101,8 @@ def main():
     p.add_argument("--importance", type=int, default=0, metavar="N",
                    help="instead of SMC: N independent proposals per method, their var log W, finite share, "
                         "importance estimates and Kish ESS (the estimators compared at equal sample count)")
+    p.add_argument("--metropolis", type=int, nargs=2, default=None, metavar=("CHAINS", "ITERS"),
+                   help="instead of SMC: independence Metropolis, CHAINS chains from exact samples x ITERS proposals")
     p.add_argument("--fast-inverse", action="store_true",
                    help="exact_inverse=False for the proposals (importance) and the SMC moves")
     p.add_argument("--json")
@@ -104,6 +125,12 @@ def main():
     for m in args.methods.split(","):
         est, _, n_pr = m.partition(":")
         n_pr = int(n_pr or 1)
+        if args.metropolis:
+            if n_pr != 1:
+                raise SystemExit(f"gmm_smc: --metropolis runs one probe per estimator; drop ':{n_pr}' from {m}")
+            out["methods"][m] = row = metropolis(flow, gmm, est, *args.metropolis, not args.fast_inverse, args.seed)
+            print(m, json.dumps(row), flush=True)
+            continue
         if args.importance:
             n = min(args.importance, 32) if est == "jacobian" and args.dim > 100 else args.importance
             out["methods"][m] = row = importance(flow, gmm, est, n_pr, n, not args.fast_inverse, args.seed)
