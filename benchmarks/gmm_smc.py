@@ -43,20 +43,30 @@ def time_weights(flow, estimator, n_probes, n, exact_inverse, seed=0):
     return (time.perf_counter() - t0) / n
 
 
-def importance(flow, gmm, estimator, n_probes, n, exact_inverse, seed=0, chunk=16):
+def importance(flow, gmm, estimator, n_probes, n, exact_inverse, seed=0, chunk=16, density=None):
     """n proposals of one estimator: var log W (finite ones), their share, the self-normalized
-    importance estimates of P(x0 < 0) and <u> with delta-method SEs, Kish ESS, seconds per weight."""
+    importance estimates of P(x0 < 0) and <u> with delta-method SEs, Kish ESS, seconds per weight.
+    ``density``: a target whose energy is -log q of the continuous flow (the 50/50 mixture for the
+    exact field); then also var log W with that density and the estimator's log W minus it (mean, std)."""
     noise = fp.Noise(seed)
-    x0, u, lq, t0 = [], [], [], time.perf_counter()
+    xs, x0, u, lq, t0 = [], [], [], [], time.perf_counter()
     for _ in range(0, n, chunk):
         p = flow.propose(chunk, noise, estimator=estimator, n_probes=n_probes, exact_inverse=exact_inverse)
+        if density is not None:
+            xs.append(p.x)
         x0.append(p.x[:, 0]), u.append(gmm.energy(p.x)), lq.append(p.log_q)
     per = (time.perf_counter() - t0) / (len(lq) * chunk)
+    extra = {}
+    if density is not None:
+        lw_flow = (density.energy(torch.cat(xs)) - torch.cat(u)).numpy()  # log p_target - log q_continuous
+        d = -torch.cat(u).numpy() - torch.cat(lq).numpy() - lw_flow
+        extra = {"var_log_w_continuous": float(lw_flow.var(ddof=1)),
+                 "log_w_minus_continuous": [float(np.nanmean(d)), float(np.nanstd(d))]}
     x0, u, lq = torch.cat(x0).numpy(), torch.cat(u).numpy(), torch.cat(lq).numpy()
     lw = -u - lq
     ok = np.isfinite(lw)
     w = np.exp(lw[ok] - lw[ok].max())
-    return {"seconds_per_weight": per, "n": int(len(lw)), "finite": float(ok.mean()),
+    return {**extra, "seconds_per_weight": per, "n": int(len(lw)), "finite": float(ok.mean()),
             "var_log_w": float(lw[ok].var(ddof=1)), "kish_ess": kish_fraction(lw),
             "pareto_khat": pareto_khat(lw[ok]) if ok.sum() >= 25 else None,
             "fraction_left": list(weighted_mean_and_se((x0[ok] < 0).astype(float), w)),
@@ -133,7 +143,9 @@ def main():
             continue
         if args.importance:
             n = min(args.importance, 32) if est == "jacobian" and args.dim > 100 else args.importance
-            out["methods"][m] = row = importance(flow, gmm, est, n_pr, n, not args.fast_inverse, args.seed)
+            density = GaussianMixtureTarget(dim=args.dim, weights=(0.5, 0.5)) if args.exact_field else None
+            out["methods"][m] = row = importance(flow, gmm, est, n_pr, n, not args.fast_inverse, args.seed,
+                                                 density=density)
             print(m, json.dumps(row), flush=True)
             continue
         per = time_weights(flow, est, n_pr, 8 if est == "jacobian" and args.dim > 100 else 64, not args.fast_inverse)
