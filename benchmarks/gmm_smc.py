@@ -114,7 +114,7 @@ def main():
     p.add_argument("--metropolis", type=int, nargs=2, default=None, metavar=("CHAINS", "ITERS"),
                    help="instead of SMC: independence Metropolis, CHAINS chains from exact samples x ITERS proposals")
     p.add_argument("--fast-inverse", action="store_true",
-                   help="exact_inverse=False for the proposals (importance) and the SMC moves")
+                   help="exact_inverse=False for every proposal (importance, Metropolis and SMC)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.flow_steps is None:
