@@ -49,21 +49,20 @@ def importance(flow, gmm, estimator, n_probes, n, exact_inverse, seed=0, chunk=1
     ``density``: a target whose energy is -log q of the continuous flow (the 50/50 mixture for the
     exact field); then also var log W with that density and the estimator's log W minus it (mean, std)."""
     noise = fp.Noise(seed)
-    xs, x0, u, lq, t0 = [], [], [], [], time.perf_counter()
+    xs, u, lq, t0 = [], [], [], time.perf_counter()
     for _ in range(0, n, chunk):
         p = flow.propose(chunk, noise, estimator=estimator, n_probes=n_probes, exact_inverse=exact_inverse)
-        if density is not None:
-            xs.append(p.x)
-        x0.append(p.x[:, 0]), u.append(gmm.energy(p.x)), lq.append(p.log_q)
+        xs.append(p.x), u.append(gmm.energy(p.x)), lq.append(p.log_q)
     per = (time.perf_counter() - t0) / (len(lq) * chunk)
+    x, u, lq = torch.cat(xs), torch.cat(u).numpy(), torch.cat(lq).numpy()
+    lw = -u - lq
     extra = {}
     if density is not None:
-        lw_flow = (density.energy(torch.cat(xs)) - torch.cat(u)).numpy()  # log p_target - log q_continuous
-        d = -torch.cat(u).numpy() - torch.cat(lq).numpy() - lw_flow
-        extra = {"var_log_w_continuous": float(lw_flow.var(ddof=1)),
-                 "log_w_minus_continuous": [float(np.nanmean(d)), float(np.nanstd(d))]}
-    x0, u, lq = torch.cat(x0).numpy(), torch.cat(u).numpy(), torch.cat(lq).numpy()
-    lw = -u - lq
+        lw_continuous = density.energy(x).numpy() - u  # log p_target - log q of the continuous flow
+        extra = {"var_log_w_continuous": float(lw_continuous.var(ddof=1)),
+                 "log_w_minus_continuous": [float(np.nanmean(lw - lw_continuous)),
+                                            float(np.nanstd(lw - lw_continuous))]}
+    x0 = x[:, 0].numpy()
     ok = np.isfinite(lw)
     w = np.exp(lw[ok] - lw[ok].max())
     return {**extra, "seconds_per_weight": per, "n": int(len(lw)), "finite": float(ok.mean()),
