@@ -513,6 +513,9 @@ class PerturbedFlow:
         """Write the scripted module and its metadata to ``path`` atomically (temporary file + rename)."""
         path = os.fspath(path)
         meta = {_META: json.dumps(self.metadata)}
+        velocity = getattr(getattr(self.module, "cnf", None), "velocity", None)
+        if hasattr(velocity, "clear_cache"):  # the linear map's cached matrices stay out of the file
+            velocity.clear_cache()
         atomic_write(path, lambda tmp: torch.jit.save(self.module, tmp, _extra_files=meta), suffix=".pt")
         self.path = os.path.abspath(path)
 

@@ -1,5 +1,6 @@
 """The velocity MLP's time-dependent linear map (``VelocityMLP(linear=True)``)."""
 import math
+import os
 
 import openmm_flowpert as fp
 
@@ -38,6 +39,31 @@ def test_linear_part_is_the_time_weighted_sum_of_matrices():
     assert (shared - expected).abs().max() < 1e-12
     assert (per_sample - expected).abs().max() < 1e-12
     assert expected.abs().max() > 0.1  # the check is not vacuous
+
+
+def test_compiled_field_caches_its_matrices_per_time_and_gives_the_eager_answer(tmp_path):
+    """A compiled frozen field keeps A(t) for its last four time values: over a sequence of times
+    that hits and evicts the cache, it returns exactly the eager field's values; a flow file
+    saved after use carries no cached matrix (same size as one saved before use)."""
+    eager = _random_linear(5, periodic=[2])
+    flow = fp.PerturbedFlow.build(_random_linear(5, periodic=[2]), time_grid(4))
+    field = flow.module.cnf.velocity
+    y = torch.randn(3, 5, dtype=torch.float64)
+    before = str(tmp_path / "before.pt")
+    flow.save(before)
+    for t in [0.1, 0.2, 0.1, 0.3, 0.4, 0.5, 0.6, 0.1, 0.6, 0.2, 0.2]:
+        tt = torch.full((1, 1), t, dtype=torch.float64)
+        assert torch.equal(field(tt, y), eager(tt, y)), t
+        assert len(field._lin_cache) <= 4
+    assert len(field._lin_cache) == 4
+    after = str(tmp_path / "after.pt")
+    flow.save(after)
+    assert os.path.getsize(after) == os.path.getsize(before)
+    assert len(fp.PerturbedFlow.load(after).module.cnf.velocity._lin_cache) == 0
+    with torch.no_grad():  # an eager field never caches: changed weights are seen at once
+        eager.lin_weight.mul_(2.0)
+    tt = torch.full((1, 1), 0.1, dtype=torch.float64)
+    assert not torch.equal(field(tt, y), eager(tt, y))
 
 
 def test_linear_field_is_periodic_in_angle_coordinates():

@@ -1,8 +1,7 @@
 """Velocity fields v(t, y) for continuous normalizing flows."""
-from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,7 +17,8 @@ class VelocityMLP(nn.Module):
     initialization), is added to the MLP: the exact flow-matching field between Gaussians is linear
     in y with a time-dependent matrix, so the network then only learns what is not Gaussian. It
     costs one (D x D) matrix product per evaluation when the batch shares one time value (the
-    integrator) and (1 + J) of them per sample in training. ``c`` is a vector of ``n_cond``
+    integrator; a compiled flow keeps the matrices of its last few time values, so the integrator
+    and its inverse build each A(t) once per step) and (1 + J) of them per sample in training. ``c`` is a vector of ``n_cond``
     conditioning features (e.g. log(T / T0) of a temperature-conditioned flow); the compiled flow
     uses the buffer ``cond`` (1, n_cond), which fixes the condition of one flow
     (:meth:`PerturbedFlow.at_temperature <openmm_flowpert.PerturbedFlow.at_temperature>` sets it),
@@ -53,6 +53,8 @@ class VelocityMLP(nn.Module):
     torch.Size([4, 6])
     """
 
+    _lin_cache: List[Tuple[torch.Tensor, torch.Tensor]]  # (basis row, A) of a frozen compiled field (CPU)
+
     def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, n_freq: int = 4, n_cond: int = 0,
                  periodic: Sequence[int] = (), linear: bool = False, linear_exclude: Sequence[int] = ()):
         super().__init__()
@@ -83,6 +85,7 @@ class VelocityMLP(nn.Module):
             raise ValueError(f"linear_exclude {self.linear_exclude} is outside 0 .. {dim - 1}")
         # which entries of A may be nonzero (rebuilt from the config, so not part of the state dict)
         self.register_buffer("lin_mask", self._linear_mask(), persistent=False)
+        self._lin_cache = []
 
     def _linear_mask(self) -> torch.Tensor:
         """(D, D + m) of 0/1: rows (outputs) and columns (inputs, cos and sin of a periodic one) of
@@ -121,13 +124,38 @@ class VelocityMLP(nn.Module):
 
     def _linear_part(self, basis: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """A(t; c) f for the basis functions (1 or B, J) and the network's input f (B, D + m)."""
-        w = self.lin_weight.to(f.dtype)
-        if basis.shape[0] == 1:  # one time value for the batch: build A once
-            a = (basis.to(f.dtype).reshape(-1, 1, 1) * w).sum(0) * self.lin_mask.to(f.dtype)
-            return f @ a.t()
-        w = w * self.lin_mask.to(f.dtype)
+        if basis.shape[0] == 1:  # one time value for the batch: A once (or from the cache)
+            return f @ self._linear_matrix(basis, f).t()
+        w = self.lin_weight.to(f.dtype) * self.lin_mask.to(f.dtype)
         per_basis = (f @ w.reshape(-1, w.shape[2]).t()).reshape(f.shape[0], w.shape[0], w.shape[1])
         return (basis.to(f.dtype).unsqueeze(-1) * per_basis).sum(1)
+
+    def _linear_matrix(self, basis: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """A(t; c) (D, D + m) for one row of basis functions [1, t, ...] (1, J), in f's dtype.
+
+        Building A reads all J weight matrices, which costs ten times the product A f of a small
+        batch at D ~ 500; a compiled field whose weights are frozen (every flow that
+        :class:`~openmm_flowpert.PerturbedFlow` compiles) therefore keeps the matrices of its last
+        four time values (and conditions) on the CPU: one step of the integrator, or every
+        fixed-point iteration of its inverse, uses at most three. Eager modules (training) always
+        build A anew."""
+        cache = torch.jit.is_scripting() and not self.lin_weight.requires_grad and f.device.type == "cpu"
+        if cache:
+            for entry in self._lin_cache:
+                if entry[1].dtype == f.dtype and torch.equal(entry[0], basis):
+                    return entry[1]
+        w = self.lin_weight.to(f.dtype)
+        a = (basis.to(f.dtype).reshape(-1, 1, 1) * w).sum(0) * self.lin_mask.to(f.dtype)
+        if cache:
+            if len(self._lin_cache) >= 4:
+                self._lin_cache.pop(0)
+            self._lin_cache.append((basis.clone(), a))
+        return a
+
+    @torch.jit.export
+    def clear_cache(self) -> None:
+        """Forget the cached matrices A(t) (before saving, so that files do not carry them)."""
+        self._lin_cache.clear()
 
     def features(self, y: torch.Tensor) -> torch.Tensor:
         """The network's input for y (B, D): y itself, or [plain coordinates, cos, sin of the
