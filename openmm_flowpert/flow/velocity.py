@@ -18,9 +18,10 @@ class VelocityMLP(nn.Module):
     in y with a time-dependent matrix, so the network then only learns what is not Gaussian. It
     costs one (D x D) matrix product per evaluation when the batch shares one time value (the
     integrator; a compiled flow keeps the matrices of its last few time values, so the integrator
-    and its inverse build each A(t) once per step) and (1 + J) of them per sample in training. ``c`` is a vector of ``n_cond``
-    conditioning features (e.g. log(T / T0) of a temperature-conditioned flow); the compiled flow
-    uses the buffer ``cond`` (1, n_cond), which fixes the condition of one flow
+    and its inverse build each A(t) once per step) and (1 + J) of them per sample in training.
+    ``c`` is a vector of ``n_cond`` conditioning features (e.g. log(T / T0) of a
+    temperature-conditioned flow); the compiled flow uses the buffer ``cond`` (1, n_cond), which
+    fixes the condition of one flow
     (:meth:`PerturbedFlow.at_temperature <openmm_flowpert.PerturbedFlow.at_temperature>` sets it),
     while training passes a condition per sample to :meth:`forward_cond`.
 
