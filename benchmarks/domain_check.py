@@ -34,7 +34,8 @@ def main() -> None:
                          seed=1, progress=False)
     ts = states.ThermodynamicState(ms.system, 300 * unit.kelvin)
     cc = cache.ContextCache(platform=openmm.Platform.getPlatformByName("Reference"))
-    moves = {on: fp.FlowPerturbationMove(bundled_flow("alanine-dipeptide"), n_proposals=16, seed=7, domain_check=on)
+    moves = {on: fp.FlowPerturbationMove(bundled_flow("alanine-dipeptide"), n_proposals=16, seed=7, domain_check=on,
+                                         selection="metropolis")
              for on in (True, False)}
     for m in moves.values():  # warm-up (TorchScript, contexts)
         m.apply(ts, states.SamplerState(frames[0] * unit.nanometer), cc)

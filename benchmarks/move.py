@@ -31,6 +31,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--estimator", default="fp++")
+    p.add_argument("--selection", default="metropolis", choices=("metropolis", "weights"),
+                   help="the move's rule (metropolis: the rows of docs/benchmarks.md section 5)")
     args = p.parse_args()
     ala = testsystems.AlanineDipeptideVacuum(constraints=None)
     flow = fp.train_flow(training_frames(ala), epochs=3, hidden=128, n_layers=3, n_steps=20, progress=False,
@@ -44,7 +46,8 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for platform in ("Reference", "CPU"):
         for n in (1, 16, 64, 256):
-            move = FlowPerturbationMove(flow, n_proposals=n, estimator=args.estimator, platform=platform, seed=1)
+            move = FlowPerturbationMove(flow, n_proposals=n, estimator=args.estimator, platform=platform, seed=1,
+                                        selection=args.selection)
             cc = cache.ContextCache(capacity=1)
             ss = states.SamplerState(ala.positions)
             for _ in range(3):

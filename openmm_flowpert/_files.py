@@ -34,7 +34,10 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
 def config_differences(stored: dict, config: dict) -> List[str]:
     """``"key: stored there, new now"`` for every setting in which two run configurations differ."""
     keys = list(config) + [k for k in stored if k not in config]
-    return [f"{k}: {stored.get(k)!r} there, {config.get(k)!r} now" for k in keys if stored.get(k) != config.get(k)]
+    def there(k: str) -> str:
+        return repr(stored[k]) if k in stored else "not recorded (the default of the version that wrote it)"
+
+    return [f"{k}: {there(k)} there, {config.get(k)!r} now" for k in keys if stored.get(k) != config.get(k)]
 
 
 def require_same_run(path: str, kind: str, config: dict, stored_kind: Optional[str], stored_config: dict) -> None:

@@ -80,6 +80,13 @@ def test_cli_simulate_train_sample(tmp_path, capsys):
                  "--iterations", "9", "--md-steps", "50", "--proposals", "4"]) == 0
     s2 = json.loads((out / "summary.json").read_text())
     assert s2["iterations"] == 9 and s2["n_proposed"] == 36
+    assert s2["selection"] == "weights" and s2["n_accepted"] <= 9     # the default: one draw per move
+    # --selection metropolis: the chain of tests; resuming the run above with it is refused (exit 2)
+    assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(out),
+                 "--iterations", "10", "--md-steps", "50", "--proposals", "4", "--selection", "metropolis"]) == 2
+    assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(tmp_path / "mh"),
+                 "--iterations", "3", "--md-steps", "50", "--proposals", "4", "--selection", "metropolis"]) == 0
+    assert json.loads((tmp_path / "mh" / "summary.json").read_text())["selection"] == "metropolis"
     # --recycle: selection in proportion to W, and estimates over every point the moves weighed
     assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(tmp_path / "rb"),
                  "--iterations", "4", "--md-steps", "50", "--proposals", "4", "--recycle"]) == 0

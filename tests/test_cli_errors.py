@@ -111,6 +111,8 @@ CASES = [
     ("sample-minutes-with-ladder", ["sample", "--out", "D", "--temperatures", "300,330", "--minutes", "1"],
      "single temperature"),
     ("sample-recycle-plain-md", ["sample", "--out", "D", "--recycle", "--plain-md"], "--recycle needs flow moves"),
+    ("sample-recycle-metropolis", ["sample", "--out", "D", "--recycle", "--selection", "metropolis"],
+     "--recycle needs --selection weights"),
     ("sample-recycle-ladder", ["sample", "--out", "D", "--recycle", "--temperatures", "300,330"],
      "single temperature"),
     ("sample-device-banana", ["sample", "--out", "D", "--device", "banana"], "unknown torch device"),

@@ -254,7 +254,7 @@ def ladder(request, mean_free_flow):
     """The move (prior_scale, md_steps) run on the ladder (T0, T_HOT) with seed SEED."""
     prior_scale, md_steps = request.param
     move = FlowPerturbationMove(mean_free_flow, n_proposals=N_PROPOSALS, prior_scale=prior_scale, seed=SEED,
-                                platform="Reference")
+                                platform="Reference", selection="metropolis")
     result = run_ladder(move, (T0, T_HOT), SEED, md_steps=md_steps)
     return prior_scale, move, result
 
@@ -328,7 +328,7 @@ def test_full_dimension_in_mean_free_estimators_is_biased_negative_control(mean_
     """d = 3N instead of 3N - 3 in the estimators (docs/algorithm.md section 6.5) shifts <u> at T0 by
     more than 4 SE (64 chains x 16 applies)."""
     move = FlowPerturbationMove(full_dimension_flow(mean_free_flow), n_proposals=N_PROPOSALS, seed=SEED,
-                                platform="Reference")
+                                platform="Reference", selection="metropolis")
     result = run_ladder(move, (T0,), SEED, n_chains=64)
     res = z_scores(result[T0], T0)
     assert res["u"][2] > 4, res

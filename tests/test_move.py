@@ -51,11 +51,12 @@ def _mean_se(values, burn):
 
 @pytest.mark.parametrize("estimator", ["fp++", pytest.param("fp", marks=pytest.mark.slow)])
 def test_move_alone_is_exact_on_gmm_system(gmm_system, gmm_system_flow, estimator):
-    """The move through openmmtools and OpenMM energies: P(left) and <u> exact within 3 SE; raw flow
+    """The move (its chain of Metropolis tests, ``selection="metropolis"``; the default weighted draw
+    is tested below) through openmmtools and OpenMM energies: P(left) and <u> exact within 3 SE; raw flow
     samples (no Metropolis test) are > 4 SE off. A uniform redraw of u at the refresh passes this
     test (z = -0.8 measured): its power against refresh errors is in
     test_refresh_kernel_power_on_gmm_system (single-probe FP) and tests/test_hybrid.py (FP++)."""
-    move = FlowPerturbationMove(gmm_system_flow, n_proposals=16, estimator=estimator, seed=3)
+    move = FlowPerturbationMove(gmm_system_flow, n_proposals=16, estimator=estimator, seed=3, selection="metropolis")
     left, energy = _run_chains(gmm_system, move, n_chains=16, n_apply=24)
     frac, se = _mean_se(left, burn=6)
     assert abs(frac - gmm_system.exact_fraction_left) < 3 * se, (frac, se, move.statistics)

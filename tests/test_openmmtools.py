@@ -107,7 +107,7 @@ def test_run_replica_exchange_resumes_and_refuses_other_settings(ala, ala_flow, 
     assert resumed.positions[0].shape == (4, 22, 3)
     np.testing.assert_array_equal(resumed.positions[0][:2], first.positions[0])
     assert resumed.move_statistics["n_proposed"] == 4 * 3
-    for change in ({"seed": 5}, {"md_steps": 11}, {"flow": None}, {"selection": "weights"}):
+    for change in ({"seed": 5}, {"md_steps": 11}, {"flow": None}, {"selection": "metropolis"}):
         with pytest.raises(ValueError, match="other settings"):
             run_replica_exchange(ala.system, x0, temps, 5, storage, **{**kw, **change})
     with pytest.raises(ValueError, match="other settings"):

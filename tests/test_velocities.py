@@ -54,7 +54,7 @@ def kinetic_ratios(reassign: bool, seed: int = 0) -> np.ndarray:
     md = SeededLangevinDynamicsMove(seed=seed, timestep=1 * unit.femtosecond, collision_rate=1 / unit.picosecond,
                                     n_steps=1, reassign_velocities=False)
     move = FlowPerturbationMove(bundled_flow("alanine-dipeptide"), n_proposals=8, seed=seed,
-                                reassign_velocities=reassign)
+                                reassign_velocities=reassign, selection="metropolis")
     out = []
     for _ in range(N_ITER):
         md.apply(ts, ss, cc)

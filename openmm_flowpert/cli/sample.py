@@ -4,9 +4,11 @@ One temperature: an MCMC loop (Langevin MD segment, then a FlowPerturbationMove)
 Several temperatures (``--temperatures``): openmmtools' ParallelTemperingSampler with the same moves
 (run under mpiexec to distribute replicas). Writes to OUT/: trajectory.dcd (+ .pdb topology) of the
 target temperature, energies.csv, summary.json and plots. Running the same command again continues
-an interrupted run from its checkpoint (``--restart`` starts over). ``--recycle`` draws each move's
-next state in proportion to the weights and adds estimates over every point the moves weighed
-(Rao-Blackwellized; summary.json "recycled"), usually with a smaller error for the same run.
+an interrupted run from its checkpoint (``--restart`` starts over). Each flow move draws its next
+state among the current one and the proposals in proportion to the weights (``--selection
+metropolis``: a chain of Metropolis tests instead, the rule before 2026-12-06); ``--recycle`` adds
+estimates over every point the moves weighed (Rao-Blackwellized; summary.json "recycled"), usually
+with a smaller error for the same run.
 """
 from __future__ import annotations
 
@@ -41,10 +43,13 @@ def add_parser(sub) -> None:
     p.add_argument("--estimator", default="fp++", choices=["fp++", "fp", "jacobian"],
                    help="estimator of the proposal density in the flow moves")
     p.add_argument("--plain-md", action="store_true", help="no flow moves: plain MD with the same loop")
+    p.add_argument("--selection", default="weights", choices=["weights", "metropolis"],
+                   help="flow moves' rule: one draw among the current state and the proposals in proportion to "
+                        "their weights (default), or a chain of Metropolis tests (the default before 2026-12-06, "
+                        "which runs started then resume with)")
     p.add_argument("--recycle", action="store_true",
-                   help="draw each flow move's next state among the current one and the proposals in proportion "
-                        "to their weights, and estimate from every point weighed (Rao-Blackwellized; "
-                        "single temperature)")
+                   help="also estimate from every point the flow moves weighed, each with the probability of its "
+                        "draw (Rao-Blackwellized; single temperature, --selection weights)")
     p.add_argument("--device", type=_args.device, default=None,
                    help="torch device of the flow in the moves, e.g. cuda (default: cpu)")
     p.add_argument("--seed", type=_args.seed, default=0, help="seed of the Langevin noise, flow moves and swaps")
@@ -61,6 +66,9 @@ def check(args):
         raise _args.InputError("--minutes applies to a single temperature; with several --temperatures give "
                                "--iterations only")
     _args.check_system(args.system)
+    if args.recycle and args.selection != "weights":
+        raise _args.InputError("--recycle needs --selection weights (it averages under the law of the weighted "
+                               "draw); drop --recycle or --selection metropolis")
     if args.recycle and (args.plain_md or len(temps) > 1):
         raise _args.InputError("--recycle needs flow moves at a single temperature; drop --plain-md or give one "
                                "--temperature")
@@ -89,7 +97,8 @@ def run(args) -> int:
     elif len(temps) > 1:
         with _args.restart_hint([os.path.join(args.out, STORAGE[0])], _RESTART):
             _args.check_storage(os.path.join(args.out, STORAGE[0]), ms.system, temps, flow, md_steps=args.md_steps,
-                                n_proposals=args.proposals, estimator=args.estimator, seed=args.seed)
+                                n_proposals=args.proposals, estimator=args.estimator, seed=args.seed,
+                                selection=args.selection)
     with _args.created_folders(args.out):
         with _args.restart_hint([os.path.join(args.out, run_files[0])], _RESTART):
             if len(temps) == 1:
@@ -178,22 +187,24 @@ def _recycled(res, topology, with_phi: bool) -> dict:
 def _single(args, ms, temperature, flow) -> int:
     from ..samplers import run_hybrid
 
-    recycle = {"selection": "weights", "record_candidates": True} if args.recycle else {}
+    recycle = {"record_candidates": True} if args.recycle else {}
     res = run_hybrid(ms.system, ms.positions, temperature, flow, n_iterations=args.iterations,
                      seconds=None if args.minutes is None else 60.0 * args.minutes, md_steps=args.md_steps,
                      n_proposals=args.proposals, estimator=args.estimator, seed=args.seed,
                      checkpoint=os.path.join(args.out, CHECKPOINT), checkpoint_every=25, progress=True,
-                     device=args.device, **recycle)
+                     device=args.device, selection=args.selection, **recycle)
     s = write_outputs(args.out, ms, temperature, res.positions, res.reduced_energies, res.accepted, res.proposed,
                       {"wall_time_s": float(res.wall_times[-1]) if len(res) else 0.0,
-                       "md_steps_per_iteration": args.md_steps}, flow=flow, seed=args.seed,
+                       "md_steps_per_iteration": args.md_steps,
+                       **({"selection": args.selection} if flow is not None else {})}, flow=flow, seed=args.seed,
                       candidates=res if args.recycle else None)
     _print_summary(s)
     return 0
 
 
 def replica_exchange_outputs(out: str, ms, temps, flow, iterations: int, md_steps: int, proposals: int,
-                             estimator: str = "fp++", seed: int = 0, device=None, platform=None) -> None:
+                             estimator: str = "fp++", seed: int = 0, device=None, platform=None,
+                             selection: str = "weights") -> None:
     """Run (or resume) replica exchange into ``out``/replica_exchange.nc and write the target
     temperature's outputs there (rank 0 only under MPI); temperatures in K."""
     import numpy as np
@@ -205,7 +216,7 @@ def replica_exchange_outputs(out: str, ms, temps, flow, iterations: int, md_step
         print(f"resuming replica exchange from {storage}")
     res = run_replica_exchange(ms.system, ms.positions, temps, iterations, storage, flow=flow, md_steps=md_steps,
                                n_proposals=proposals, estimator=estimator, seed=seed, device=device,
-                               platform=platform)
+                               platform=platform, selection=selection)
     if res is None:
         return   # not rank 0: rank 0 holds the storage and writes the outputs
     us = res.reduced_energies[0]
@@ -215,20 +226,22 @@ def replica_exchange_outputs(out: str, ms, temps, flow, iterations: int, md_step
         acc[-1], prop[-1] = stats["n_accepted"], stats["n_proposed"]
     s = write_outputs(out, ms, temps[0], res.positions[0], us, acc, prop,
                       {"temperatures_K": temps, "move_statistics": stats, "storage": storage,
-                       "swap_acceptance": res.swap_acceptance.tolist()}, flow=flow, seed=seed)
+                       "swap_acceptance": res.swap_acceptance.tolist(),
+                       **({"selection": selection} if flow is not None else {})}, flow=flow, seed=seed)
     _print_summary(s)
 
 
 def _replica_exchange(args, ms, temps, flow) -> int:
     replica_exchange_outputs(args.out, ms, temps, flow, args.iterations, args.md_steps, args.proposals,
-                             args.estimator, args.seed, args.device)
+                             args.estimator, args.seed, args.device, selection=args.selection)
     return 0
 
 
 def _print_summary(s: dict) -> None:
     print(f"{s['system']} at {s['temperature_K']:.1f} K: {s['iterations']} iterations")
     if s.get("acceptance") is not None:
-        print(f"  flow-move acceptance  {s['acceptance']:.3f} ({s['n_accepted']} / {s['n_proposed']})")
+        what = " moves per proposal: one weighted draw per move" if s.get("selection") == "weights" else ""
+        print(f"  flow-move acceptance  {s['acceptance']:.3f} ({s['n_accepted']} / {s['n_proposed']}{what})")
     m, se = s["mean_reduced_energy"]
     print(f"  mean reduced energy   {m:.2f} +- {se:.2f} kT")
     for k, v in (s.get("populations") or {}).items():

@@ -127,15 +127,18 @@ class FlowPerturbationMove(mcmc.MCMCMove):
     proposal : {"independent", "latent"}
         Independence proposals from the flow, or latent-local moves that redraw ``k`` latent
         coordinates and ``k_eps`` coordinates of each probe vector.
-    selection : {"metropolis", "weights"}
-        How independence proposals are used. ``"metropolis"`` (default): a chain of ``n_proposals``
-        Metropolis tests, each against the state the chain holds. ``"weights"``: one draw among the
-        current state and the proposals with probability W / sum W (a Gibbs step on the index,
-        exact, docs/algorithm.md section 4.3); it needs at most one domain test per ``apply``
-        instead of one per acceptance. ``n_accepted`` then counts calls that moved. After each
-        ``apply`` the attribute ``candidates`` holds the n + 1 points (positions in nm, reduced
-        energies in kT) and the draw's probabilities, for Rao-Blackwellized averages (see
-        :func:`~openmm_flowpert.analysis.recycled_mean_and_se`).
+    selection : {"weights", "metropolis"}, optional
+        How independence proposals are used. ``"weights"`` (default for independence proposals):
+        one draw among the current state and the proposals with probability W / sum W (a Gibbs
+        step on the index, exact, docs/algorithm.md section 4.3); it needs at most one domain test
+        per ``apply`` instead of one per acceptance, about half the cost of an ``apply`` at 16
+        proposals (docs/benchmarks.md section 5). ``n_accepted`` then counts calls that moved
+        (at most one per ``apply``, so accepted / proposed is the fraction of moves per proposal).
+        After each ``apply`` the attribute ``candidates`` holds the n + 1 points (positions in nm,
+        reduced energies in kT) and the draw's probabilities, for Rao-Blackwellized averages (see
+        :func:`~openmm_flowpert.analysis.recycled_mean_and_se`). ``"metropolis"`` (the only rule
+        for latent-local proposals, and the default before 2026-12-06): a chain of ``n_proposals``
+        Metropolis tests, each against the state the chain holds.
     exact_inverse : bool, optional
         Exact (default) or fast inverse steps in the estimator of the proposals; the map from
         positions to the latent space is always exact.
@@ -202,7 +205,7 @@ class FlowPerturbationMove(mcmc.MCMCMove):
                  prior_scale: Union[None, float, str, Callable[[float], float]] = None,
                  platform: Optional[str] = None, n_workers: Optional[int] = None, seed: Optional[int] = None,
                  reassign_velocities: bool = True, device: Optional[str] = None, domain_check: bool = True,
-                 torch_threads: Optional[int] = 1, selection: str = "metropolis"):
+                 torch_threads: Optional[int] = 1, selection: Optional[str] = None):
         self.device = None if device is None else str(device)
         if isinstance(flow, PerturbedFlow):
             if self.device is not None:
@@ -224,8 +227,9 @@ class FlowPerturbationMove(mcmc.MCMCMove):
         if estimator not in ("fp", "fp++", "jacobian"):
             raise ValueError(f"estimator {estimator!r} is not allowed in a move: use 'fp++', 'fp' or 'jacobian' "
                              "(Hutchinson's estimator is biased)")
+        selection = selection or ("weights" if proposal == "independent" else "metropolis")
         if selection not in ("metropolis", "weights"):
-            raise ValueError(f"selection must be 'metropolis' or 'weights', got {selection!r}")
+            raise ValueError(f"selection must be 'weights' or 'metropolis', got {selection!r}")
         if selection == "weights" and proposal != "independent":
             raise ValueError("selection='weights' needs proposal='independent' (latent-local proposals form a chain)")
         if int(n_proposals) < 1:

@@ -149,7 +149,7 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
                estimator: str = "fp++", timestep_fs: float = 1.0, friction: float = 1.0, seed: int = 0,
                checkpoint: Optional[str] = None, checkpoint_every: int = 50, platform: Optional[str] = None,
                progress: bool = True, desc: Optional[str] = None, device: Optional[str] = None,
-               callback: Optional[Callable[[int, np.ndarray], None]] = None, selection: str = "metropolis",
+               callback: Optional[Callable[[int, np.ndarray], None]] = None, selection: str = "weights",
                record_candidates: bool = False) -> HybridResult:
     """Run hybrid MD + flow-perturbation MC (or plain MD if ``flow`` is None) in openmmtools.
 
@@ -169,7 +169,8 @@ def run_hybrid(system, positions, temperature: float, flow=None, *, n_iterations
         Langevin steps (``timestep_fs`` fs, ``friction`` 1/ps) per iteration.
     n_proposals, estimator, device, selection : flow move settings (see
         :class:`~openmm_flowpert.FlowPerturbationMove`; ``device`` is the torch device of the flow,
-        e.g. ``"cuda"``).
+        e.g. ``"cuda"``; ``selection`` defaults to ``"weights"``, ``"metropolis"`` is the chain of
+        tests that was the default before 2026-12-06, which a checkpoint written then resumes with).
     record_candidates : bool
         Keep every apply's n + 1 points and the law of its draw (needs ``selection="weights"``) for
         the Rao-Blackwellized estimate :meth:`HybridResult.recycled_mean`, which uses every

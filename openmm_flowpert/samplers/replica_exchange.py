@@ -72,7 +72,7 @@ class ReplicaExchangeResult:
 
 
 def _config(system, temperatures, flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale,
-            seed, selection: str = "metropolis") -> dict:
+            seed, selection: str) -> dict:
     from ..perturbed_flow import PerturbedFlow, file_checksum
 
     flow_id = None
@@ -97,7 +97,7 @@ def _check_resume(reporter, storage: str, config: dict) -> None:
 
 
 def _moves(flow, md_steps, timestep_fs, friction, n_proposals, estimator, prior_scale, seed, device,
-           selection="metropolis"):
+           selection: str = "weights"):
     from openmm import unit
     from openmmtools import mcmc
 
@@ -170,7 +170,7 @@ def run_replica_exchange(system, positions, temperatures: Sequence[float], n_ite
                          prior_scale: Union[None, float, str] = "sqrt(T/T0)", seed: int = 0,
                          device: Optional[str] = None, platform: Optional[str] = None, discard: int = 0,
                          read_states: Sequence[int] = (0,), progress: bool = True,
-                         desc: str = "replica exchange", selection: str = "metropolis"
+                         desc: str = "replica exchange", selection: str = "weights"
                          ) -> Optional[ReplicaExchangeResult]:
     """Run (or resume) temperature replica exchange in openmmtools, with or without flow moves.
 
@@ -194,11 +194,12 @@ def run_replica_exchange(system, positions, temperatures: Sequence[float], n_ite
         Langevin steps per iteration, their time step (fs) and friction (1/ps).
     n_proposals, estimator, prior_scale, device : flow-move settings
         (:class:`~openmm_flowpert.FlowPerturbationMove`; ``prior_scale`` defaults to ``"sqrt(T/T0)"``).
-    selection : {"metropolis", "weights"}
-        The flow moves' rule (:class:`~openmm_flowpert.FlowPerturbationMove`): ``"weights"`` draws
-        each replica's next state once among its current one and the proposals in proportion to W,
-        with at most one domain test per apply (docs/benchmarks.md section 5: 0.55x the cost of an
-        apply at 16 proposals, 0.36x at 64).
+    selection : {"weights", "metropolis"}
+        The flow moves' rule (:class:`~openmm_flowpert.FlowPerturbationMove`): ``"weights"``
+        (default) draws each replica's next state once among its current one and the proposals in
+        proportion to W, with at most one domain test per apply (docs/benchmarks.md section 5: about
+        half the cost of an apply at 16 proposals); ``"metropolis"``, the chain of tests, was the
+        default before 2026-12-06 (storage written then resumes with it).
     platform : str, optional
         OpenMM platform of the MD and the exchange energies (default: the energy layer's choice,
         Reference below 50 atoms, GPU platforms first).

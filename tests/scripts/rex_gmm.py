@@ -23,7 +23,8 @@ gm = GaussianMixture(n_particles=4)
 temps = [300.0, 450.0]
 thermo = [states.ThermodynamicState(gm.system, t * unit.kelvin) for t in temps]
 starts = [states.SamplerState(p * unit.nanometer) for p in gm.sample(2, seed=seed)]
-move = FlowPerturbationMove(flow_file, n_proposals=8, prior_scale="sqrt(T/T0)", seed=seed)
+move = FlowPerturbationMove(flow_file, n_proposals=8, prior_scale="sqrt(T/T0)", seed=seed,
+                            selection="metropolis")
 sampler = multistate.ReplicaExchangeSampler(mcmc_moves=move, number_of_iterations=n_iter)
 reporter = multistate.MultiStateReporter(storage, checkpoint_interval=1)
 sampler.create(thermodynamic_states=thermo, sampler_states=starts, storage=reporter)
