@@ -8,9 +8,10 @@ What it does
 3. Trains a flow on those frames in internal coordinates (``fp.train_flow(x, topology=...)``) and
    saves it (``OUT/flow.pt``: TorchScript + metadata).
 4. Samples with openmmtools: an ``MCMCSampler`` whose move is, every iteration, a Langevin MD
-   segment followed by a ``FlowPerturbationMove`` (``n_proposals`` flow proposals accepted with
-   the generalized-work Metropolis test). The combination samples the Boltzmann distribution
-   exactly, however good or bad the flow is; a better flow only gives more accepted moves.
+   segment followed by a ``FlowPerturbationMove`` (``n_proposals`` flow proposals, and one draw
+   among them and the current state in proportion to their generalized-work weights). The
+   combination samples the Boltzmann distribution exactly, however good or bad the flow is; a
+   better flow only gives more accepted moves.
 5. Prints the flow-move acceptance, the move statistics, the mean reduced energy and, for peptides,
    the population of phi < 0 (first residue).
 
@@ -184,7 +185,8 @@ def main(argv=None):
     print(f"iterations: {args.iterations} x ({args.md_steps} MD steps + {args.proposals} flow proposals), "
           f"{wall:.1f} s")
     print(f"flow-move acceptance: {flow_move.acceptance:.4f} ({st['n_accepted']} / {st['n_proposed']})")
-    print(f"iterations with an accepted flow move: {int(np.count_nonzero(accepted))} / {args.iterations}")
+    print(f"iterations with an accepted flow move: {int(np.count_nonzero(accepted))} / {args.iterations}"
+          "  (the move's default rule draws once per iteration among the current state and the proposals)")
     print("move statistics: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     t = flow_move.timing   # seconds spent in the move's parts, summed over its calls
     print(f"flow-move time: {t.get('total', 0.0):.1f} s in {int(t.get('calls', 0))} calls "
