@@ -182,6 +182,30 @@ def cmd_refine(args):
     print(json.dumps({**flow.metadata["importance"], "wall_s": round(time.time() - t0, 1)}))
 
 
+def cmd_reverse_kl(args):
+    from openmm_flowpert.energies import ReducedPotential
+    from openmm_flowpert.training.reverse_kl import fine_tune_reverse_kl
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    s = molecule()
+    x = load_frames(args.data)
+    if args.basin_fraction > 0:  # as in 'train': the rare basin's frames repeated in the likelihood term
+        extra = np.concatenate([load_frames(args.data, i) for i in (0, 1, 2)], 0)
+        extra = extra[in_basin(extra) > 0]
+        x = np.concatenate([x] + [extra] * int(args.basin_fraction * len(x) / max(len(extra), 1)), 0)
+    print(f"likelihood frames: {len(x)} ({100 * in_basin(x).mean():.1f} % in 0 < phi < 2.5)", flush=True)
+    rp = ReducedPotential(s.system, 300.0, n_workers=1)
+    flow = fine_tune_reverse_kl(fp.PerturbedFlow.load(args.flow), rp.reduced_energies_and_gradients, x,
+                                minutes=args.minutes, kl_weight=args.kl_weight, lr=args.lr, batch_size=args.batch,
+                                n_samples=args.samples, ema=args.ema, val_every=args.val_every, seed=args.seed,
+                                max_steps=args.max_steps or None, progress=True)
+    flow.metadata["recipe"] = (flow.metadata.get("recipe", "") + " && python benchmarks/alanine.py "
+                               + " ".join(sys.argv[1:]))
+    flow.save(args.out)
+    meta = dict(flow.metadata["reverse_kl"])
+    print(json.dumps({k: v for k, v in meta.items() if k != "history"}))
+
+
 def kish(log_w: np.ndarray) -> float:
     from openmm_flowpert.training.importance import kish_fraction
     return kish_fraction(log_w)
@@ -456,6 +480,21 @@ def main():
     r.add_argument("--batch", type=int, default=512)
     r.add_argument("--ema", type=float, default=0.99)
     r.add_argument("--seed", type=int, default=0)
+    k = sub.add_parser("reverse-kl", help="fine-tune a trained flow on the reverse KL divergence mixed with the "
+                                          "frames' likelihood (OpenMM energies and forces)")
+    k.add_argument("--flow", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--data", required=True, help="npz file(s) whose 300 K frames make the likelihood term")
+    k.add_argument("--basin-fraction", type=float, default=0.0)
+    k.add_argument("--minutes", type=float, default=10.0)
+    k.add_argument("--max-steps", type=int, default=0)
+    k.add_argument("--kl-weight", type=float, default=0.5)
+    k.add_argument("--lr", type=float, default=1e-4)
+    k.add_argument("--batch", type=int, default=128, help="data frames per step")
+    k.add_argument("--samples", type=int, default=128, help="flow samples per step")
+    k.add_argument("--ema", type=float, default=0.99)
+    k.add_argument("--val-every", type=int, default=25)
+    k.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("measure")
     m.add_argument("--data", required=True)
     m.add_argument("--flow", required=True)
@@ -494,7 +533,7 @@ def main():
     args = p.parse_args()
     SYSTEM["name"] = args.system
     {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,
-     "quality": cmd_quality, "marginals": cmd_marginals, "cost": cmd_cost}[args.cmd](args)
+     "reverse-kl": cmd_reverse_kl, "quality": cmd_quality, "marginals": cmd_marginals, "cost": cmd_cost}[args.cmd](args)
 
 
 if __name__ == "__main__":

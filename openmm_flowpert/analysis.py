@@ -143,11 +143,12 @@ def select_ca_pair(folded: np.ndarray, unfolded: np.ndarray, topology, min_separ
 def weighted_mean_and_se(values: np.ndarray, weights: np.ndarray) -> Tuple[float, float]:
     """Self-normalized importance-sampling estimate of E[values] and its delta-method standard error
     sqrt(sum_i w_i^2 (v_i - mean)^2) with normalized weights w. For SMC walkers that share ancestors the
-    SE is a lower bound: repeat independent runs for an honest error bar."""
+    SE is a lower bound: repeat independent runs for an honest error bar. The mean is kept inside
+    [min(values), max(values)], where it lies exactly (rounding can leave a fraction at 1 + 2e-16)."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     w = w / w.sum()
-    m = float((w * v).sum())
+    m = float(np.clip((w * v).sum(), v.min(), v.max()))
     return m, float(np.sqrt((w ** 2 * (v - m) ** 2).sum()))
 
 

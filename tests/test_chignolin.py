@@ -99,6 +99,9 @@ def test_weighted_mean_and_se():
     assert se == pytest.approx(v.std() / np.sqrt(1000), rel=1e-9)
     m, se = weighted_mean_and_se([0.0, 1.0], [1.0, 3.0])
     assert m == pytest.approx(0.75) and se == pytest.approx(np.sqrt(0.25 ** 2 * 0.75 ** 2 + 0.75 ** 2 * 0.25 ** 2))
+    # a fraction of all-ones stays 1 (these weights sum the ones to 1 + 2.2e-16 without the clip)
+    w = np.random.default_rng(4).exponential(size=16)
+    assert weighted_mean_and_se(np.ones(16), w) == (1.0, 0.0)
 
 
 def test_mixed_precision_needs_cuda():

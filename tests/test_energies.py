@@ -70,6 +70,27 @@ def test_input_shapes(ala, configs):
         rp(configs[:, :-1])
 
 
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_reduced_gradients_match_finite_differences(ala, configs, n_workers):
+    """du/dx (kT/nm) from OpenMM's forces equals central differences of u along random directions
+    (relative 1e-6), u equals __call__'s, and a NaN configuration gives u = inf with a zero gradient.
+    A gradient of the wrong sign (the forces themselves) or in kJ/mol/nm fails the comparison."""
+    rp = ReducedPotential(ala.system, T, platform="Reference", n_workers=n_workers)
+    x = configs[:5].copy()
+    u, g = rp.reduced_energies_and_gradients(x)
+    np.testing.assert_array_equal(u, rp(x))
+    assert g.shape == x.shape
+    d = np.random.default_rng(1).normal(size=x.shape)
+    h = 1e-6
+    fd = (rp(x + h * d) - rp(x - h * d)) / (2 * h)
+    np.testing.assert_allclose((g * d).sum(axis=(1, 2)), fd, rtol=1e-6, atol=1e-6)
+    assert np.abs(fd + (g * d).sum(axis=(1, 2))).min() > 1.0                      # not the force
+    assert np.abs(fd - rp.kT * (g * d).sum(axis=(1, 2))).min() > 1.0              # not kJ/mol/nm
+    x[2, 4, 1] = np.nan
+    u, g = rp.reduced_energies_and_gradients(x)
+    assert np.isposinf(u[2]) and not g[2].any() and np.isfinite(u[[0, 1, 3, 4]]).all()
+
+
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_nan_positions_give_inf(ala, configs, platform):
     x = configs[:4].copy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import openmm
@@ -169,17 +169,35 @@ class ReducedPotential:
         return self._contexts[k]
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate_chunk(self, k: int, x: np.ndarray) -> np.ndarray:
+    def _evaluate_chunk(self, k: int, x: np.ndarray, forces: bool = False):
         ctx = self._context(k)
         out = np.empty(len(x), dtype=np.float64)
+        f = np.zeros(x.shape, dtype=np.float64) if forces else None
         for i, xi in enumerate(x):
             try:
                 ctx.setPositions(xi)
-                out[i] = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
-                    unit.kilojoule_per_mole)
+                state = ctx.getState(getEnergy=True, getForces=forces)
+                out[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                if forces:
+                    f[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
             except Exception:  # OpenMM refuses this configuration (e.g. NaN coordinates)
                 out[i] = np.inf
-        return out
+        return out if f is None else (out, f)
+
+    def _evaluate(self, x: np.ndarray, forces: bool):
+        with self._lock:
+            if self.platform_name is None:
+                self._resolve()
+            n_used = min(self.n_workers, len(x))
+            if n_used <= 1:
+                return self._evaluate_chunk(0, x, forces)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.n_workers, thread_name_prefix="ReducedPotential")
+            chunks = np.array_split(x, n_used)
+            parts = list(self._executor.map(self._evaluate_chunk, range(n_used), chunks, [forces] * n_used))
+        if not forces:
+            return np.concatenate(parts)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def potential_energies(self, positions) -> np.ndarray:
         """Potential energies U (float64, shape (B,)) in kJ/mol of positions in nm.
@@ -187,17 +205,20 @@ class ReducedPotential:
         ``positions``: (B, N, 3), (B, 3N) or one (N, 3) (then B = 1); numpy, torch or Quantity.
         Per-configuration OpenMM errors give +inf.
         """
-        x = as_positions_array(positions, self.n_atoms)
-        with self._lock:
-            if self.platform_name is None:
-                self._resolve()
-            n_used = min(self.n_workers, len(x))
-            if n_used <= 1:
-                return self._evaluate_chunk(0, x)
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.n_workers, thread_name_prefix="ReducedPotential")
-            chunks = np.array_split(x, n_used)
-            return np.concatenate(list(self._executor.map(self._evaluate_chunk, range(n_used), chunks)))
+        return self._evaluate(as_positions_array(positions, self.n_atoms), forces=False)
+
+    def reduced_energies_and_gradients(self, positions) -> Tuple[np.ndarray, np.ndarray]:
+        """Reduced potentials u (B,) in kT and their gradients du/dx (B, N, 3) in kT/nm.
+
+        ``positions`` as for :meth:`__call__` (nm). The gradient is -F / kT with OpenMM's forces F
+        (kJ/mol/nm). Non-finite energies and OpenMM errors give u = +inf and a zero gradient.
+        """
+        u, f = self._evaluate(as_positions_array(positions, self.n_atoms), forces=True)
+        u = u / self.kT
+        bad = ~np.isfinite(u) | ~np.isfinite(f).all(axis=(1, 2))
+        u[bad] = np.inf
+        f[bad] = 0.0
+        return u, -f / self.kT
 
     def __call__(self, positions, temperature=None) -> np.ndarray:
         """Reduced potentials u = U / kT (float64, shape (B,), kT) of positions in nm.
