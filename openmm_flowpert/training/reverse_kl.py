@@ -67,13 +67,18 @@ def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Seque
 
 class _ReducedEnergy(torch.autograd.Function):
     """u(x) (B,) kT of x (B, x_dim) (positions in nm for molecules) through a NumPy callable
-    x -> (u (B,) kT, du/dx of any shape with B * x_dim entries)."""
+    x -> (u (B,) kT, du/dx of any shape with B * x_dim entries). Rows whose energy or gradient is
+    not finite get u = +inf and a zero gradient (the loss drops them; 0 * NaN would poison the step)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, energy: EnergyAndGradient) -> torch.Tensor:
         u, g = energy(x.detach().cpu().numpy())
-        ctx.save_for_backward(torch.as_tensor(g, dtype=x.dtype).reshape(x.shape))
-        return torch.as_tensor(u, dtype=x.dtype)
+        u = torch.as_tensor(np.asarray(u, dtype=np.float64), dtype=x.dtype).clone()
+        g = torch.as_tensor(np.asarray(g, dtype=np.float64), dtype=x.dtype).reshape(x.shape).clone()
+        bad = ~torch.isfinite(u) | ~torch.isfinite(g).all(1)
+        u[bad], g[bad] = math.inf, 0.0
+        ctx.save_for_backward(g)
+        return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):
@@ -113,6 +118,7 @@ class ReverseKLTrainer(LikelihoodTrainer):
                  **kw):
         self.transform, self.energy = transform, energy
         self.parts_history = []
+        self.skipped = 0  # steps whose gradient was not finite (not applied)
         self.verbose = bool(kw.pop("verbose", False))
         self.kl_weight, self.energy_cap, self.n_samples = float(kl_weight), float(energy_cap), int(n_samples)
         vgen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator)))
@@ -142,6 +148,8 @@ class ReverseKLTrainer(LikelihoodTrainer):
                 per, _ = self.reverse_kl(self.ema_model, self.z_val[b0:b0 + 256], self.ez_val[b0:b0 + 256])
             kls.append(per.detach())
         kl = torch.cat(kls)
+        if kl.numel() == 0:  # no finite energy among the validation samples: the worst score
+            kl = torch.full((1,), math.inf, dtype=torch.float64)
         self.last_validation = {"reverse_kl": float(kl.mean()), "nll": nll, "finite": int(kl.numel())}
         self.parts_history.append(self.last_validation)
         if self.verbose:
@@ -156,10 +164,13 @@ class ReverseKLTrainer(LikelihoodTrainer):
                                          self.prior_scale).mean()
         z = torch.randn(self.n_samples, y.shape[1], generator=self.gen) * self.prior_scale
         per, _ = self.reverse_kl(self.velocity, z, torch.randn(z.shape, generator=self.gen))
-        loss = self._score(per.mean().float(), nll)
+        loss = self._score(per.mean().float(), nll) if per.numel() else (1.0 - self.kl_weight) * nll
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.velocity.parameters(), 100.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.velocity.parameters(), 100.0)
+        if not torch.isfinite(norm):  # a non-finite energy or density leaked into the gradient: skip
+            self.skipped += 1
+            return float("nan")
         self.opt.step()
         with torch.no_grad():
             for pe, p in zip(self.ema_model.parameters(), self.velocity.parameters()):
@@ -235,7 +246,8 @@ def fine_tune_reverse_kl(flow, energy: EnergyAndGradient, samples, *, minutes: f
                                   "validation_after": trainer.best,
                                   "history": [dict(step=n, score=v, **p) for (n, v), p in
                                               zip(trainer.history, trainer.parts_history)],
-                                  "steps": trainer.steps, "kl_weight": kl_weight, "energy_cap": energy_cap,
+                                  "steps": trainer.steps, "skipped_steps": trainer.skipped, "kl_weight": kl_weight,
+                                  "energy_cap": energy_cap,
                                   "lr": lr, "batch_size": int(batch_size), "n_samples": int(n_samples), "ema": ema,
                                   "wall_time_s": round(time.time() - started, 1), "seed": int(seed)}
     return out
