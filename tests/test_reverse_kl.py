@@ -13,8 +13,10 @@ import torch
 
 import openmm_flowpert as fp
 from openmm_flowpert.flow import VelocityMLP, time_grid
+from openmm_flowpert.flow.transforms import Affine
 from openmm_flowpert.testsystems import GaussianMixtureTarget
-from openmm_flowpert.training.reverse_kl import fine_tune_reverse_kl, forward_log_density, soft_cap
+from openmm_flowpert.training.reverse_kl import (fine_tune_reverse_kl, forward_log_density, sample_log_density,
+                                                 soft_cap)
 
 DT = torch.float64
 
@@ -53,6 +55,34 @@ def test_forward_log_density_matches_the_exact_discrete_density():
         _, lq0 = forward_log_density(velocity, z, flow.info.times, torch.zeros_like(z))
     assert ((lq0.detach() - lq_exact) / se).abs().max() > 4
 
+
+
+def test_sample_log_density_through_a_fixed_transform():
+    """Through a per-coordinate affine transform (log |det dx/dy| = 1.50 nats), the probe-averaged
+    log q(x) of the flow's sample equals the exact log q of the discrete flow at x within 4 SE at
+    each of 6 latents; with the transform's log-determinant added instead of subtracted the estimate
+    is off by 3.0 nats, > 4 SE at every latent. Measured largest |z| for probe seeds 0-4 (the test
+    uses 0): 1.74 2.33 1.85 0.83 1.29; the control's smallest |z| 614-818."""
+    torch.manual_seed(5)
+    v = VelocityMLP(4, hidden=32, n_layers=2)
+    with torch.no_grad():
+        v.out.weight.mul_(0.5)
+    transform = Affine(torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([2.0, 3.0, 0.5, 1.5]))
+    flow = fp.PerturbedFlow.build(v, time_grid(16, "uniform"), transform)
+    velocity, tr = flow.parts()
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=DT)
+    g = torch.Generator().manual_seed(0)
+    est = []
+    for _ in range(400):
+        with torch.enable_grad():
+            x, lq = sample_log_density(velocity, tr, z, flow.info.times, torch.randn(z.shape, generator=g, dtype=DT))
+        est.append(lq.detach())
+    est, x = torch.stack(est), x.detach()
+    lq_exact = flow.refresh(x, fp.Noise(2), estimator="jacobian").log_q
+    se = est.std(0) / math.sqrt(est.shape[0])
+    assert ((est.mean(0) - lq_exact) / se).abs().max() < 4
+    logdet = float(torch.log(torch.tensor([2.0, 3.0, 0.5, 1.5])).sum())
+    assert ((est.mean(0) + 2 * logdet - lq_exact) / se).abs().min() > 4
 
 def test_soft_cap_is_continuous_and_monotone():
     u = torch.tensor([-5.0, 9.999, 10.0, 10.001, 20.0, 1e6], dtype=DT)
@@ -106,7 +136,7 @@ def test_fine_tuning_refuses_what_it_cannot_train():
     gmm = GaussianMixtureTarget(dim=3, seed=1)
     energy = _gmm_energy(gmm)
     mean_free = fp.PerturbedFlow.build(VelocityMLP(9, hidden=8, n_layers=1), time_grid(4), n_particles=3)
-    with pytest.raises(ValueError, match="unconditioned flow in internal coordinates"):
+    with pytest.raises(ValueError, match="unconditioned RK4 flow on a plain CNF"):
         fine_tune_reverse_kl(mean_free, energy, np.zeros((10, 3, 3)), minutes=1.0)
     plain = fp.PerturbedFlow.build(VelocityMLP(3, hidden=8, n_layers=1), time_grid(4))
     with pytest.raises(ValueError, match="minutes must be positive"):

@@ -35,7 +35,7 @@ import torch
 
 from .likelihood import LikelihoodTrainer, _vel_div, continuous_log_likelihood
 
-__all__ = ["forward_log_density", "ReverseKLTrainer", "fine_tune_reverse_kl"]
+__all__ = ["forward_log_density", "sample_log_density", "ReverseKLTrainer", "fine_tune_reverse_kl"]
 
 EnergyAndGradient = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
@@ -50,7 +50,7 @@ def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Seque
     """
     if getattr(velocity, "periodic", []):
         raise ValueError("reverse-KL fine-tuning: flows with periodic coordinates are not supported")
-    y = z
+    y = z.detach().clone()
     div_int = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     for k in range(len(times) - 1):
         t0, h = float(times[k]), float(times[k + 1] - times[k])
@@ -65,16 +65,29 @@ def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Seque
     return y, log_p - div_int
 
 
+def sample_log_density(velocity: torch.nn.Module, transform: torch.nn.Module, z: torch.Tensor,
+                       times: Sequence[float], probes: torch.Tensor,
+                       prior_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The flow's sample x = T(y_1) (B, x_dim) (nm for molecules) and the Hutchinson estimate of
+    log q(x) = log q(y_1) - log |det dx/dy| (B,) in nats, differentiable in the velocity's weights.
+    ``transform``: the flow's fixed transform, y -> (x, log |det dx/dy|); the rest as
+    :func:`forward_log_density`."""
+    y, log_q_y = forward_log_density(velocity, z, times, probes, prior_scale)
+    x, logdet = transform(y.double())
+    return x, log_q_y.double() - logdet
+
+
 class _ReducedEnergy(torch.autograd.Function):
     """u(x) (B,) kT of x (B, x_dim) (positions in nm for molecules) through a NumPy callable
     x -> (u (B,) kT, du/dx of any shape with B * x_dim entries). Rows whose energy or gradient is
-    not finite get u = +inf and a zero gradient (the loss drops them; 0 * NaN would poison the step)."""
+    not finite get u = +inf and a zero gradient (the loss drops them; 0 * NaN would poison the step;
+    a NaN inside the flow's own pass still does, and that step is skipped and counted)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, energy: EnergyAndGradient) -> torch.Tensor:
         u, g = energy(x.detach().cpu().numpy())
-        u = torch.as_tensor(np.asarray(u, dtype=np.float64), dtype=x.dtype).clone()
-        g = torch.as_tensor(np.asarray(g, dtype=np.float64), dtype=x.dtype).reshape(x.shape).clone()
+        u = torch.as_tensor(np.asarray(u, dtype=np.float64), dtype=x.dtype, device=x.device).clone()
+        g = torch.as_tensor(np.asarray(g, dtype=np.float64), dtype=x.dtype, device=x.device).reshape(x.shape).clone()
         bad = ~torch.isfinite(u) | ~torch.isfinite(g).all(1)
         u[bad], g[bad] = math.inf, 0.0
         ctx.save_for_backward(g)
@@ -128,13 +141,13 @@ class ReverseKLTrainer(LikelihoodTrainer):
         super().__init__(velocity, y_train, y_val, times, generator, **kw)
 
     def reverse_kl(self, model: torch.nn.Module, z: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample u + log q (capped u; kT = nats) of the flow's samples of ``z``, and the raw u."""
-        y, log_q_y = forward_log_density(model, z, self.times, e, self.prior_scale)
-        x, logdet_t = self.transform(y.double())
+        """Per-sample u + log q (capped u; kT = nats) of the flow's finite samples of ``z``, and
+        the mask of the finite ones (B,)."""
+        x, log_q = sample_log_density(model, self.transform, z, self.times, e, self.prior_scale)
         u = _ReducedEnergy.apply(x, self.energy)
-        ok = torch.isfinite(u) & torch.isfinite(logdet_t) & torch.isfinite(log_q_y)
-        per = torch.where(ok, soft_cap(u, self.energy_cap) + log_q_y.double() - logdet_t, torch.zeros_like(u))
-        return per[ok], u.detach()
+        ok = torch.isfinite(u) & torch.isfinite(log_q)
+        per = torch.where(ok, soft_cap(u, self.energy_cap) + log_q, torch.zeros_like(u))
+        return per[ok], ok
 
     def _score(self, kl: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
         return self.kl_weight * kl + (1.0 - self.kl_weight) * nll
@@ -148,9 +161,13 @@ class ReverseKLTrainer(LikelihoodTrainer):
                 per, _ = self.reverse_kl(self.ema_model, self.z_val[b0:b0 + 256], self.ez_val[b0:b0 + 256])
             kls.append(per.detach())
         kl = torch.cat(kls)
+        n_bad = self.z_val.shape[0] - kl.numel()
         if kl.numel() == 0:  # no finite energy among the validation samples: the worst score
             kl = torch.full((1,), math.inf, dtype=torch.float64)
-        self.last_validation = {"reverse_kl": float(kl.mean()), "nll": nll, "finite": int(kl.numel())}
+        elif n_bad:  # a non-finite sample counts as the worst finite one + 10 nats: weights that send
+            # more samples into clashes never score better for having dropped them
+            kl = torch.cat([kl, torch.full((n_bad,), float(kl.max()) + 10.0, dtype=kl.dtype)])
+        self.last_validation = {"reverse_kl": float(kl.mean()), "nll": nll, "finite": self.z_val.shape[0] - n_bad}
         self.parts_history.append(self.last_validation)
         if self.verbose:
             print(f"reverse KL validation: {self.last_validation}", flush=True)
@@ -160,10 +177,13 @@ class ReverseKLTrainer(LikelihoodTrainer):
         """One optimizer step: flow samples for the reverse divergence, a data batch for the likelihood."""
         idx = torch.randint(0, self.y_train.shape[0], (self.batch_size,), generator=self.gen)
         y = self.y_train[idx]
-        nll = -continuous_log_likelihood(self.velocity, y, self.times, torch.randn(y.shape, generator=self.gen),
-                                         self.prior_scale).mean()
+        nll = torch.zeros((), dtype=torch.float32) if self.kl_weight == 1.0 else -continuous_log_likelihood(
+            self.velocity, y, self.times, torch.randn(y.shape, generator=self.gen), self.prior_scale).mean()
         z = torch.randn(self.n_samples, y.shape[1], generator=self.gen) * self.prior_scale
         per, _ = self.reverse_kl(self.velocity, z, torch.randn(z.shape, generator=self.gen))
+        if per.numel() == 0 and self.kl_weight == 1.0:  # nothing finite to learn from
+            self.skipped += 1
+            return float("nan")
         loss = self._score(per.mean().float(), nll) if per.numel() else (1.0 - self.kl_weight) * nll
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,14 +241,19 @@ def fine_tune_reverse_kl(flow, energy: EnergyAndGradient, samples, *, minutes: f
         raise ValueError(f"reverse-KL fine-tuning: minutes must be positive, got {minutes}")
     if not 0.0 < kl_weight <= 1.0:
         raise ValueError(f"reverse-KL fine-tuning: kl_weight must be in (0, 1], got {kl_weight}")
-    if flow.conditioned or flow.info.latent_particles:
-        raise ValueError("reverse-KL fine-tuning needs an unconditioned flow in internal coordinates "
-                         "(a plain CNF); use flow.at_temperature(T) of an unconditioned flow")
+    if flow.conditioned or flow.info.latent_particles or flow.info.periodic or flow.info.integrator != "rk4":
+        raise ValueError("reverse-KL fine-tuning needs an unconditioned RK4 flow on a plain CNF (internal "
+                         "coordinates without periodic torsions, or an abstract target; not a mean-free Cartesian "
+                         "flow); for a temperature-conditioned flow pass flow.at_temperature(T)")
     started = time.time()
     velocity, transform = flow.parts()
     x = torch.as_tensor(np.asarray(samples), dtype=torch.float64).reshape(len(samples), -1)
     if energy_cap is None:
-        u_data, _ = energy(x[:min(len(x), 1000)].numpy())
+        pick = np.random.default_rng(seed).choice(len(x), min(len(x), 1000), replace=False)
+        u_data = np.asarray(energy(x[np.sort(pick)].numpy())[0])
+        if not np.isfinite(u_data).any():
+            raise ValueError("reverse-KL fine-tuning: no finite energy among the samples; check that they are "
+                             "positions in nm of this system")
         energy_cap = float(np.median(u_data[np.isfinite(u_data)])) + 100.0
     with torch.no_grad():
         y, _ = transform.inverse(x)
