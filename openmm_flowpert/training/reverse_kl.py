@@ -41,12 +41,14 @@ EnergyAndGradient = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
 
 def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Sequence[float],
-                        probes: torch.Tensor, prior_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                        probes: torch.Tensor, prior_scale: float = 1.0,
+                        create_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """The flow's sample y_1 (B, D) of latents z (B, D) and the Hutchinson estimate of log q(y_1) (B,)
     in nats (CNF coordinates), both differentiable in the velocity's weights.
 
     ``times``: the time grid (RK4 forwards over it); ``probes`` (B, D): Gaussian probe vectors, the
-    same at every stage; ``prior_scale``: s of the prior N(0, s^2 I).
+    same at every stage; ``prior_scale``: s of the prior N(0, s^2 I); ``create_graph=False``: values
+    only (validation).
     """
     if getattr(velocity, "periodic", []):
         raise ValueError("reverse-KL fine-tuning: flows with periodic coordinates are not supported")
@@ -54,10 +56,10 @@ def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Seque
     div_int = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     for k in range(len(times) - 1):
         t0, h = float(times[k]), float(times[k + 1] - times[k])
-        k1, d1 = _vel_div(velocity, t0, y, probes)
-        k2, d2 = _vel_div(velocity, t0 + 0.5 * h, y + 0.5 * h * k1, probes)
-        k3, d3 = _vel_div(velocity, t0 + 0.5 * h, y + 0.5 * h * k2, probes)
-        k4, d4 = _vel_div(velocity, t0 + h, y + h * k3, probes)
+        k1, d1 = _vel_div(velocity, t0, y, probes, create_graph)
+        k2, d2 = _vel_div(velocity, t0 + 0.5 * h, y + 0.5 * h * k1, probes, create_graph)
+        k3, d3 = _vel_div(velocity, t0 + 0.5 * h, y + 0.5 * h * k2, probes, create_graph)
+        k4, d4 = _vel_div(velocity, t0 + h, y + h * k3, probes, create_graph)
         y = y + h * (k1 + 2.0 * k2 + 2.0 * k3 + k4) / 6.0
         div_int = div_int + h * (d1 + 2.0 * d2 + 2.0 * d3 + d4) / 6.0
     D = z.shape[1]
@@ -67,12 +69,12 @@ def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Seque
 
 def sample_log_density(velocity: torch.nn.Module, transform: torch.nn.Module, z: torch.Tensor,
                        times: Sequence[float], probes: torch.Tensor,
-                       prior_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                       prior_scale: float = 1.0, create_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """The flow's sample x = T(y_1) (B, x_dim) (nm for molecules) and the Hutchinson estimate of
     log q(x) = log q(y_1) - log |det dx/dy| (B,) in nats, differentiable in the velocity's weights.
     ``transform``: the flow's fixed transform, y -> (x, log |det dx/dy|); the rest as
     :func:`forward_log_density`."""
-    y, log_q_y = forward_log_density(velocity, z, times, probes, prior_scale)
+    y, log_q_y = forward_log_density(velocity, z, times, probes, prior_scale, create_graph)
     x, logdet = transform(y.double())
     return x, log_q_y.double() - logdet
 
@@ -140,10 +142,11 @@ class ReverseKLTrainer(LikelihoodTrainer):
         self.ez_val = torch.randn(n_val_samples, dim, generator=vgen)
         super().__init__(velocity, y_train, y_val, times, generator, **kw)
 
-    def reverse_kl(self, model: torch.nn.Module, z: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def reverse_kl(self, model: torch.nn.Module, z: torch.Tensor, e: torch.Tensor,
+                   create_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-sample u + log q (capped u; kT = nats) of the flow's finite samples of ``z``, and
         the mask of the finite ones (B,)."""
-        x, log_q = sample_log_density(model, self.transform, z, self.times, e, self.prior_scale)
+        x, log_q = sample_log_density(model, self.transform, z, self.times, e, self.prior_scale, create_graph)
         u = _ReducedEnergy.apply(x, self.energy)
         ok = torch.isfinite(u) & torch.isfinite(log_q)
         per = torch.where(ok, soft_cap(u, self.energy_cap) + log_q, torch.zeros_like(u))
@@ -158,7 +161,8 @@ class ReverseKLTrainer(LikelihoodTrainer):
         kls = []
         for b0 in range(0, self.z_val.shape[0], 256):
             with torch.enable_grad():
-                per, _ = self.reverse_kl(self.ema_model, self.z_val[b0:b0 + 256], self.ez_val[b0:b0 + 256])
+                per, _ = self.reverse_kl(self.ema_model, self.z_val[b0:b0 + 256], self.ez_val[b0:b0 + 256],
+                                         create_graph=False)
             kls.append(per.detach())
         kl = torch.cat(kls)
         n_bad = self.z_val.shape[0] - kl.numel()
