@@ -115,6 +115,19 @@ def load_frames(paths, temperature_index=0):
     return np.concatenate(xs, 0)
 
 
+def with_basin_frames(x: np.ndarray, data: str, fraction: float) -> np.ndarray:
+    """Cover the rare 0 < phi < 2.5 basin: the frames x with the basin's frames of the data files (300 K
+    and the next two replicas) appended, repeated until they make up ``fraction`` of the set. Proposals
+    then visit it often; the Metropolis test / importance weights correct for the changed proposal
+    density exactly."""
+    if fraction <= 0:
+        return x
+    extra = np.concatenate([load_frames(data, i) for i in (0, 1, 2)], 0)
+    extra = extra[in_basin(extra) > 0]
+    n_rep = int(fraction * len(x) / max(len(extra), 1))
+    return np.concatenate([x] + [extra] * n_rep, 0) if n_rep > 0 else x
+
+
 def cmd_train(args):
     from openmm_flowpert.energies import ReducedPotential
 
@@ -127,16 +140,10 @@ def cmd_train(args):
         x, temps = all_replicas(args.data)
         print(f"temperature-conditioned: {len(x)} frames at {sorted(set(np.round(temps, 1).tolist()))} K")
     if args.basin_fraction > 0:
-        # Cover the rare 0 < phi < 2.5 basin: repeat its frames (300 K and the next two replicas) until
-        # they make up basin_fraction of the training set. Proposals then visit it often; the
-        # Metropolis test / importance weights correct for the changed proposal density exactly.
-        extra = np.concatenate([load_frames(args.data, i) for i in (0, 1, 2)], 0)
-        extra = extra[in_basin(extra) > 0]
-        n_rep = int(args.basin_fraction * len(x) / max(len(extra), 1))
-        if n_rep > 0:
-            x = np.concatenate([x] + [extra] * n_rep, 0)
-            if temps is not None:  # the basin frames count as 300 K frames, as in the unconditioned recipe
-                temps = np.concatenate([temps, np.full(len(extra) * n_rep, 300.0)])
+        n0 = len(x)
+        x = with_basin_frames(x, args.data, args.basin_fraction)
+        if temps is not None:  # the basin frames count as 300 K frames, as in the unconditioned recipe
+            temps = np.concatenate([temps, np.full(len(x) - n0, 300.0)])
         print(f"training frames: {len(x)} ({100 * in_basin(x).mean():.1f} % in 0 < phi < 2.5)")
     if args.max_frames and len(x) > args.max_frames:
         pick = np.random.default_rng(args.seed).choice(len(x), args.max_frames, replace=False)
@@ -189,11 +196,7 @@ def cmd_reverse_kl(args):
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = molecule()
-    x = load_frames(args.data)
-    if args.basin_fraction > 0:  # as in 'train': the rare basin's frames repeated in the likelihood term
-        extra = np.concatenate([load_frames(args.data, i) for i in (0, 1, 2)], 0)
-        extra = extra[in_basin(extra) > 0]
-        x = np.concatenate([x] + [extra] * int(args.basin_fraction * len(x) / max(len(extra), 1)), 0)
+    x = with_basin_frames(load_frames(args.data), args.data, args.basin_fraction)  # as in 'train'
     print(f"likelihood frames: {len(x)} ({100 * in_basin(x).mean():.1f} % in 0 < phi < 2.5)", flush=True)
     rp = ReducedPotential(s.system, 300.0, n_workers=1)
     flow = fine_tune_reverse_kl(fp.PerturbedFlow.load(args.flow), rp.reduced_energies_and_gradients, x,
@@ -474,17 +477,10 @@ def cmd_kish(args):
             lw.append(-rp(p.x) - p.log_q.numpy())
         lw = np.concatenate(lw)
         lw = np.where(np.isfinite(lw), lw, -np.inf)
-        rng = np.random.default_rng(0)
-        boot = [kish_fraction(lw[rng.integers(0, len(lw), len(lw))]) for _ in range(300)]
-        print(json.dumps({"flow": spec, "prior_scale": args.prior_scale, "n": len(lw), "kish": kish_fraction(lw),
-                          "se": float(np.std(boot)), "pareto_k": float(pareto_khat(lw[np.isfinite(lw)])),
+        print(json.dumps({"flow": spec, "prior_scale": args.prior_scale, "n": len(lw), "kish": kish(lw),
+                          "se": bootstrap_kish(lw, 300), "pareto_k": float(pareto_khat(lw[np.isfinite(lw)])),
                           "wall_s": round(time.time() - t0, 1)}), flush=True)
 
-
-def kish_fraction(log_w: np.ndarray) -> float:
-    """Kish's ESS / n of log-weights (-inf: weight 0)."""
-    w = np.exp(log_w - log_w.max())
-    return float(w.sum() ** 2 / (w ** 2).sum() / len(w))
 
 
 def main():

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .likelihood import LikelihoodTrainer, _vel_div, continuous_log_likelihood
+from .likelihood import LikelihoodTrainer, _log_prior, _rk4_with_divergence, continuous_log_likelihood
 
 __all__ = ["forward_log_density", "sample_log_density", "ReverseKLTrainer", "fine_tune_reverse_kl"]
 
@@ -52,19 +52,9 @@ def forward_log_density(velocity: torch.nn.Module, z: torch.Tensor, times: Seque
     """
     if getattr(velocity, "periodic", []):
         raise ValueError("reverse-KL fine-tuning: flows with periodic coordinates are not supported")
-    y = z.detach().clone()
-    div_int = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    for k in range(len(times) - 1):
-        t0, h = float(times[k]), float(times[k + 1] - times[k])
-        k1, d1 = _vel_div(velocity, t0, y, probes, create_graph)
-        k2, d2 = _vel_div(velocity, t0 + 0.5 * h, y + 0.5 * h * k1, probes, create_graph)
-        k3, d3 = _vel_div(velocity, t0 + 0.5 * h, y + 0.5 * h * k2, probes, create_graph)
-        k4, d4 = _vel_div(velocity, t0 + h, y + h * k3, probes, create_graph)
-        y = y + h * (k1 + 2.0 * k2 + 2.0 * k3 + k4) / 6.0
-        div_int = div_int + h * (d1 + 2.0 * d2 + 2.0 * d3 + d4) / 6.0
-    D = z.shape[1]
-    log_p = (-0.5 * (z * z).sum(1) / prior_scale ** 2 - D * (math.log(prior_scale) + 0.5 * math.log(2 * math.pi)))
-    return y, log_p - div_int
+    steps = [(float(times[k]), float(times[k + 1] - times[k])) for k in range(len(times) - 1)]
+    y, div_int = _rk4_with_divergence(velocity, z.detach().clone(), steps, probes, create_graph)
+    return y, _log_prior(z, prior_scale) - div_int
 
 
 def sample_log_density(velocity: torch.nn.Module, transform: torch.nn.Module, z: torch.Tensor,
@@ -143,14 +133,14 @@ class ReverseKLTrainer(LikelihoodTrainer):
         super().__init__(velocity, y_train, y_val, times, generator, **kw)
 
     def reverse_kl(self, model: torch.nn.Module, z: torch.Tensor, e: torch.Tensor,
-                   create_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample u + log q (capped u; kT = nats) of the flow's finite samples of ``z``, and
-        the mask of the finite ones (B,)."""
+                   create_graph: bool = True) -> torch.Tensor:
+        """Per-sample u + log q (capped u; kT = nats) of the flow's finite samples of ``z`` (the
+        samples with a non-finite energy or density left out)."""
         x, log_q = sample_log_density(model, self.transform, z, self.times, e, self.prior_scale, create_graph)
         u = _ReducedEnergy.apply(x, self.energy)
         ok = torch.isfinite(u) & torch.isfinite(log_q)
         per = torch.where(ok, soft_cap(u, self.energy_cap) + log_q, torch.zeros_like(u))
-        return per[ok], ok
+        return per[ok]
 
     def _score(self, kl: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
         return self.kl_weight * kl + (1.0 - self.kl_weight) * nll
@@ -161,7 +151,7 @@ class ReverseKLTrainer(LikelihoodTrainer):
         kls = []
         for b0 in range(0, self.z_val.shape[0], 256):
             with torch.enable_grad():
-                per, _ = self.reverse_kl(self.ema_model, self.z_val[b0:b0 + 256], self.ez_val[b0:b0 + 256],
+                per = self.reverse_kl(self.ema_model, self.z_val[b0:b0 + 256], self.ez_val[b0:b0 + 256],
                                          create_graph=False)
             kls.append(per.detach())
         kl = torch.cat(kls)
@@ -184,7 +174,7 @@ class ReverseKLTrainer(LikelihoodTrainer):
         nll = torch.zeros((), dtype=torch.float32) if self.kl_weight == 1.0 else -continuous_log_likelihood(
             self.velocity, y, self.times, torch.randn(y.shape, generator=self.gen), self.prior_scale).mean()
         z = torch.randn(self.n_samples, y.shape[1], generator=self.gen) * self.prior_scale
-        per, _ = self.reverse_kl(self.velocity, z, torch.randn(z.shape, generator=self.gen))
+        per = self.reverse_kl(self.velocity, z, torch.randn(z.shape, generator=self.gen))
         if per.numel() == 0 and self.kl_weight == 1.0:  # nothing finite to learn from
             self.skipped += 1
             return float("nan")
