@@ -406,8 +406,8 @@ def test_bundled_flow_is_compiled_with_the_current_code():
 
 
 # Measured on the bundled flow (docs/benchmarks.md section 6): Kish ESS with exact log-dets of its
-# proposals, see the test's docstring. The bar sits far below it and above the flow it replaced.
-BUNDLED_ESS_BAR = 0.30
+# proposals, see the test's docstring. The bar sits far below it and above the flows before the linear map.
+BUNDLED_ESS_BAR = 0.40
 
 
 @pytest.mark.slow
@@ -416,10 +416,10 @@ def test_bundled_flow_importance_ess_stays_above_its_bar():
     alanine-dipeptide flow stays above BUNDLED_ESS_BAR: a retrained or re-compiled flow that lost
     its quality fails here.
 
-    Measured for noise seeds 0-2 (the test uses 0): 45.1 %, 47.5 %, 48.3 % (the flow bundled until
-    2026-12-04, without the linear map: 37.4 %, 30.6 %, 23.8 %; the tanh-map flow before it: ~12-14 %
-    on 2,000-5,000 draws). Kish's estimate on 400 draws scatters widely; the bar at 30 % is 15
-    points below all three.
+    Measured for noise seeds 0-2 (the test uses 0): 58.3 %, 57.9 %, 56.8 % (the flow bundled
+    2026-12-05, with 9 % rare-basin training frames: 45.1 %, 47.5 %, 48.3 %; until 2026-12-04, without
+    the linear map: 37.4 %, 30.6 %, 23.8 %; the tanh-map flow before it: ~12-14 % on 2,000-5,000
+    draws). Kish's estimate on 400 draws scatters widely; the bar at 40 % is 17 points below all three.
     """
     from openmm_flowpert.energies import ReducedPotential
     from openmm_flowpert.systems import alanine_dipeptide, bundled_flow
