@@ -8,6 +8,7 @@ measurements. ``--system alanine-tetrapeptide`` (before the command) runs any co
     python benchmarks/alanine.py marginals --flows A.pt,B.pt --heldout runs/ala_re2.npz  # per-torsion KL
     python benchmarks/alanine.py cost    --flows A.pt,B.pt                                 # ms per proposal
     python benchmarks/alanine.py kish    --flows A.pt,A.pt+B.pt --prior-scale 1.0          # exact Kish ESS
+    python benchmarks/alanine.py kish    --flows A.pt --n 4000 --save runs/w_A.npz         # ... and keep them
 
 ``data``: 8 replicas geometrically spaced over 300-600 K, Langevin 1 fs, swaps every 0.5 ps, one frame per
 replica every 0.5 ps. ``train``: flow matching on the 300 K frames (internal coordinates by default), EMA,
@@ -22,6 +23,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -117,9 +119,9 @@ def load_frames(paths, temperature_index=0):
 
 def with_basin_frames(x: np.ndarray, data: str, fraction: float) -> np.ndarray:
     """Cover the rare 0 < phi < 2.5 basin: the frames x with the basin's frames of the data files (300 K
-    and the next two replicas) appended, repeated until they make up ``fraction`` of the set. Proposals
-    then visit it often; the Metropolis test / importance weights correct for the changed proposal
-    density exactly."""
+    and the next two replicas) appended, repeated until they make up ``fraction`` of the set (the
+    recipe: 0.01, about the basin's Boltzmann share; docs/algorithm.md section 17.5). The Metropolis
+    test / importance weights correct for the changed proposal density exactly."""
     if fraction <= 0:
         return x
     extra = np.concatenate([load_frames(data, i) for i in (0, 1, 2)], 0)
@@ -292,6 +294,15 @@ def cmd_measure(args):
             json.dump(out, fh, indent=1)
 
 
+def save_weights(path: str, x: list, log_q: list, u: list) -> None:
+    """Store proposals for later analysis (``benchmarks/weight_tail.py``), atomically: positions x
+    (n, 3N) nm, their exact log q (n,) nats and reduced energies u (n,) kT."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, x=np.concatenate([np.asarray(a, dtype=np.float64).reshape(len(a), -1) for a in x]),
+             log_q=np.concatenate(log_q), u=np.concatenate(u))
+    os.replace(tmp, path)
+
+
 def bootstrap_kish(log_w: np.ndarray, n_boot: int = 500, seed: int = 0) -> float:
     """Bootstrap standard error of the Kish ESS fraction of log-weights."""
     rng = np.random.default_rng(seed)
@@ -299,7 +310,7 @@ def bootstrap_kish(log_w: np.ndarray, n_boot: int = 500, seed: int = 0) -> float
 
 
 def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int, seed: int,
-            x0_pool: np.ndarray, batch: int = 250, prior_scale=None) -> dict:
+            x0_pool: np.ndarray, batch: int = 250, prior_scale=None, save: Optional[str] = None) -> dict:
     """The flow-quality figures of the ablation table (docs/benchmarks.md section 6).
 
     Kish ESS of ``n_exact`` proposals with exact log-dets (bootstrap SE) and the Pareto k of their
@@ -307,21 +318,24 @@ def quality(flow, rp, heldout: np.ndarray, n_exact: int, chains: int, iters: int
     (kT), the negative log-likelihood of held-out frames ``heldout`` (n, N, 3) nm with exact log-dets
     (nats, orientation included: log q of the Haar-rotated proposal density on the mean-free
     subspace), and fp++ independence-Metropolis acceptance of ``chains`` chains x ``iters`` proposals
-    started from frames of ``x0_pool``.
+    started from frames of ``x0_pool``. ``save``: store the exact-log-det proposals there (npz).
     """
     from openmm_flowpert.analysis import pareto_khat
 
     noise = fp.Noise(seed)
     t0 = time.time()
-    lw, us = [], []
+    xs, lqs, us = [], [], []
     for b0 in range(0, n_exact, batch):
         nb = min(batch, n_exact - b0)
         w = noise.gaussian(nb, flow.dim)
         x, lq = flow.evaluate(w, torch.zeros(nb, 0, flow.dim), estimator="jacobian", prior_scale=prior_scale)
-        u = rp(x)
-        us.append(u)
-        lw.append(-u - lq.numpy())
-    lw, us = np.concatenate(lw), np.concatenate(us)
+        xs.append(x)
+        lqs.append(lq.numpy())
+        us.append(rp(x))
+    if save:
+        save_weights(save, xs, lqs, us)
+    us = np.concatenate(us)
+    lw = -us - np.concatenate(lqs)
     ok = np.isfinite(lw)
     out = {"n_exact": int(n_exact), "kish_ess_exact_pct": 100 * kish(np.where(ok, lw, -np.inf)),
            "kish_ess_exact_se_pct": 100 * bootstrap_kish(np.where(ok, lw, -np.inf)),
@@ -364,7 +378,7 @@ def cmd_quality(args):
     out = {"flow": args.flow, "label": args.label, "training": flow.metadata.get("training"),
            "recipe": flow.metadata.get("recipe"), "n_steps": flow.n_steps, "temperature": temperature}
     out.update(quality(flow, rp, held, args.n_exact, args.chains, args.iters, args.seed, held,
-                       prior_scale=args.prior_scale))
+                       prior_scale=args.prior_scale, save=args.save))
     out["prior_scale"] = args.prior_scale
     print(json.dumps(out), flush=True)
     if args.json:
@@ -469,13 +483,20 @@ def cmd_kish(args):
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rp = ReducedPotential(molecule().system, 300.0, n_workers=1)
-    for spec in args.flows.split(","):
-        flow, t0, lw = load_flow_or_average(spec), time.time(), []
+    specs = args.flows.split(",")
+    if args.save and len(specs) != 1:
+        sys.exit("kish: --save stores the proposals of one flow; pass one flow with --save")
+    for spec in specs:
+        flow, t0, xs, lqs, us = load_flow_or_average(spec), time.time(), [], [], []
         for b in range(0, args.n, args.batch):
             p = flow.propose(min(args.batch, args.n - b), fp.Noise(args.seed + b), estimator="jacobian",
                              prior_scale=args.prior_scale)
-            lw.append(-rp(p.x) - p.log_q.numpy())
-        lw = np.concatenate(lw)
+            xs.append(p.x)
+            lqs.append(p.log_q.numpy())
+            us.append(rp(p.x))
+        if args.save:
+            save_weights(args.save, xs, lqs, us)
+        lw = -np.concatenate(us) - np.concatenate(lqs)
         lw = np.where(np.isfinite(lw), lw, -np.inf)
         print(json.dumps({"flow": spec, "prior_scale": args.prior_scale, "n": len(lw), "kish": kish(lw),
                           "se": bootstrap_kish(lw, 300), "pareto_k": float(pareto_khat(lw[np.isfinite(lw)])),
@@ -577,6 +598,7 @@ def main():
                    help="measure at this replica's temperature (its held-out frames, its energies; the flow at "
                         "that temperature if it is temperature-conditioned)")
     q.add_argument("--json", help="append the result as one JSON line")
+    q.add_argument("--save", help="store the exact-log-det proposals (x, log_q, u) in this npz file")
     g = sub.add_parser("marginals", help="per torsion: how much of the circle the frames fill, and KL(MD || flow)")
     g.add_argument("--flows", required=True, help="flow files, comma-separated")
     g.add_argument("--heldout", required=True, help="npz file(s) whose 300 K frames are the reference")
@@ -593,6 +615,8 @@ def main():
     e.add_argument("--batch", type=int, default=250)
     e.add_argument("--prior-scale", type=float, default=None, help="latent prior scale (default: the flow's)")
     e.add_argument("--seed", type=int, default=100, help="noise seed of the first batch")
+    e.add_argument("--save", help="store the proposals (x, log_q, u) of the one flow in this npz file "
+                                  "(for benchmarks/weight_tail.py)")
     args = p.parse_args()
     SYSTEM["name"] = args.system
     {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,

@@ -1,12 +1,13 @@
 """Where the importance weights of an alanine-dipeptide flow lose their ESS, and whether a cheap exact
-correction on top of the trained CNF recovers it (issue 16).
+correction on top of the trained CNF recovers it (issue 16). The proposals come from
+``benchmarks/alanine.py kish --save`` (or ``quality --save``): positions (nm), exact log q, u (kT).
 
-    python benchmarks/weight_tail.py sample  --flow F.pt --n 4000 --seed 100 --out runs/w_eval.npz
+    python benchmarks/alanine.py kish --flows F.pt --n 4000 --save runs/w_eval.npz          # seed 100
+    python benchmarks/alanine.py kish --flows F.pt --n 8000 --seed 200 --save runs/w_train.npz
     python benchmarks/weight_tail.py regions --samples runs/w_eval.npz
     python benchmarks/weight_tail.py correct --flow F.pt --train runs/w_train.npz --eval runs/w_eval.npz \
         --parts spline --objective chi2
 
-``sample``: n proposals with exact log-dets: positions (nm), log q, reduced energies u (kT).
 ``regions``: the Kish ESS split by Ramachandran region: each region's share of the proposals, its mean
 normalized weight (1 where the flow puts the right mass there), the Kish ESS within it, and the factor
 the between-region mass errors alone put on the ESS (1 / sum_r share_r mean_r^2).
@@ -36,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openmm_flowpert.analysis import PHI_BASIN, backbone_dihedrals
+from openmm_flowpert.training.importance import kish_fraction as kish
+
 
 def energy():
     from openmm_flowpert.energies import ReducedPotential
@@ -44,37 +48,21 @@ def energy():
     return ReducedPotential(get_system("alanine-dipeptide").system, 300.0, n_workers=1)
 
 
-def kish(log_w: np.ndarray) -> float:
-    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
-    w = np.exp(log_w - log_w.max())
-    return float(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+MD_MEDIAN_U = -17.6  # kT: median reduced energy of 300 K MD frames (the reverse KL's soft cap is 100 kT above)
 
 
-def cmd_sample(args):
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    flow, rp, out = fp.PerturbedFlow.load(args.flow), energy(), {"x": [], "log_q": [], "u": []}
-    for b in range(0, args.n, 250):
-        p = flow.propose(min(250, args.n - b), fp.Noise(args.seed + b), estimator="jacobian")
-        out["x"].append(np.asarray(p.x, dtype=np.float64).reshape(len(p.log_q), -1))
-        out["log_q"].append(p.log_q.numpy())
-        out["u"].append(rp(p.x))
-    tmp = args.out + ".tmp.npz"
-    np.savez(tmp, **{k: np.concatenate(v) for k, v in out.items()})
-    os.replace(tmp, args.out)
-
-
-REGIONS = ("rare basin 0 < phi < 2.5", "alpha_R", "beta/C5/PII, psi > 1", "beta/C5/PII, psi < -2.2")
+REGIONS = (f"rare basin {PHI_BASIN[0]:g} < phi < {PHI_BASIN[1]:g}", "alpha_R", "beta/C5/PII, psi > 1",
+           "beta/C5/PII, psi < -2.2")
 
 
 def region_of(x: np.ndarray) -> np.ndarray:
     """Index into REGIONS per frame x (B, 3N) nm."""
-    from openmm_flowpert.analysis import backbone_dihedrals
     from openmm_flowpert.systems import get_system
 
     phi, psi = (a[:, 0] for a in backbone_dihedrals(x.reshape(len(x), -1, 3), get_system(
         "alanine-dipeptide").topology)[:2])
     left = np.where((psi > -2.2) & (psi < 1.0), 1, np.where(psi >= 1.0, 2, 3))
-    return np.where((phi > 0) & (phi < 2.5), 0, left)
+    return np.where((phi > PHI_BASIN[0]) & (phi < PHI_BASIN[1]), 0, left)
 
 
 def cmd_regions(args):
@@ -222,7 +210,7 @@ def cmd_correct(args):
             loss = torch.logsumexp(2 * lw, 0) - 2 * torch.logsumexp(lw, 0)
         else:  # reverse KL up to a constant: E[u - log|g'| - log|T'|], u softly capped at MD's median + 100 kT
             ok = torch.isfinite(u)
-            loss = (soft_cap(u[ok], -17.6 + 100.0) - (lw[ok] + u[ok] + lq_tr[i][ok])).mean()
+            loss = (soft_cap(u[ok], MD_MEDIAN_U + 100.0) - (lw[ok] + u[ok] + lq_tr[i][ok])).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -233,11 +221,6 @@ def cmd_correct(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample")
-    s.add_argument("--flow", default="openmm_flowpert/data/alanine-dipeptide-vacuum-300K.pt")
-    s.add_argument("--n", type=int, default=4000)
-    s.add_argument("--seed", type=int, default=100)
-    s.add_argument("--out", required=True)
     r = sub.add_parser("regions")
     r.add_argument("--samples", required=True)
     c = sub.add_parser("correct")
@@ -253,7 +236,7 @@ def main():
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--with-torsions", action="store_true", help="g on every coordinate (biased gradients: see above)")
     a = p.parse_args()
-    {"sample": cmd_sample, "regions": cmd_regions, "correct": cmd_correct}[a.cmd](a)
+    {"regions": cmd_regions, "correct": cmd_correct}[a.cmd](a)
 
 
 if __name__ == "__main__":
