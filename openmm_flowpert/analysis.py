@@ -6,12 +6,13 @@ Error bars of time series use the statistical inefficiency g of :func:`pymbar.ti
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["backbone_dihedrals", "mean_and_se", "phi_populations", "PHI_BASIN", "ca_distances", "rmsd_to",
-           "select_ca_pair", "weighted_mean_and_se", "recycled_mean_and_se", "gpd_fit", "pareto_khat"]
+__all__ = ["backbone_dihedrals", "DihedralRegion", "mean_and_se", "phi_populations", "PHI_BASIN", "ca_distances",
+           "rmsd_to", "select_ca_pair", "weighted_mean_and_se", "recycled_mean_and_se", "gpd_fit", "pareto_khat"]
 
 #: The rare left-handed basin of alanine dipeptide used by the replica-exchange reference (rad).
 PHI_BASIN = (0.0, 2.5)
@@ -35,6 +36,77 @@ def backbone_dihedrals(positions: np.ndarray, topology) -> Tuple[np.ndarray, np.
         raise ValueError("the topology has no residue with both backbone phi and psi (not a peptide?)")
     a, b = (list(c) for c in zip(*pairs))
     return phi[:, a], psi[:, b]
+
+
+@dataclass(frozen=True)
+class DihedralRegion:
+    """A conformational region given by the range of one dihedral: backbone phi or psi (any residue that
+    has both) or the dihedral of four atoms.
+
+    Parameters
+    ----------
+    angle : str
+        ``"phi"``, ``"psi"`` or four 0-based atom indices joined by ``-`` (``"4-6-8-14"``).
+    low, high : float
+        The open range (low, high) in rad, each in [-pi, pi]; ``low > high`` is the range that wraps
+        through +-pi (angle > low or angle < high).
+
+    Examples
+    --------
+    >>> region = DihedralRegion.parse("phi:0:2.5")     # alanine dipeptide's rare left-handed basin
+    >>> region.fraction(positions, topology)          # doctest: +SKIP
+    """
+
+    angle: str
+    low: float
+    high: float
+
+    def __post_init__(self):
+        for v in (self.low, self.high):
+            if not math.isfinite(v) or abs(v) > math.pi + 1e-3:  # 3.1416 for pi is fine
+                hint = " (degrees? give radians)" if 2 * math.pi < abs(v) <= 360 else ""
+                raise ValueError(f"dihedral range bound {v:g} is not an angle in [-pi, pi] rad{hint}")
+        if self.low == self.high:
+            raise ValueError(f"dihedral range ({self.low:g}, {self.high:g}) is empty; give LOW != HIGH (rad)")
+        if self.angle not in ("phi", "psi"):
+            parts = self.angle.split("-")
+            if len(parts) != 4 or not all(p.isdigit() for p in parts) or len(set(parts)) != 4:
+                raise ValueError(f"dihedral {self.angle!r}: give phi, psi or four different 0-based atom indices "
+                                 f"joined by '-', e.g. 4-6-8-14")
+
+    @classmethod
+    def parse(cls, text: str) -> "DihedralRegion":
+        """``ANGLE:LOW:HIGH`` (rad), e.g. ``phi:0:2.5`` or ``4-6-8-14:-3.14:-2.5``; raises ValueError."""
+        usage = (f"region {text!r}: give ANGLE:LOW:HIGH in rad, e.g. phi:0:2.5 (ANGLE: phi, psi or four atom "
+                 f"indices like 4-6-8-14)")
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(usage)
+        try:
+            low, high = float(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(usage) from None
+        return cls(parts[0].strip(), low, high)
+
+    def angles(self, positions: np.ndarray, topology) -> np.ndarray:
+        """The dihedral(s) in rad, (n_frames, n_residues) for phi / psi, (n_frames, 1) for four atoms.
+        Positions (n, N, 3) in nm; topology an OpenMM or mdtraj topology."""
+        if self.angle in ("phi", "psi"):
+            return backbone_dihedrals(positions, topology)[0 if self.angle == "phi" else 1]
+        import mdtraj as md
+
+        traj = _mdtraj(positions, topology)
+        idx = [int(i) for i in self.angle.split("-")]
+        if max(idx) >= traj.n_atoms:
+            raise ValueError(f"dihedral {self.angle!r}: atom index {max(idx)} is out of range for {traj.n_atoms} "
+                             f"atoms (indices are 0-based)")
+        return md.compute_dihedrals(traj, [idx]).astype(np.float64)
+
+    def fraction(self, positions: np.ndarray, topology) -> np.ndarray:
+        """Per frame (n,): the fraction of the dihedrals (one per residue for phi / psi) inside the range."""
+        a = self.angles(positions, topology)
+        inside = (a > self.low) & (a < self.high) if self.low < self.high else (a > self.low) | (a < self.high)
+        return inside.mean(axis=1)
 
 
 def _pymbar_timeseries():

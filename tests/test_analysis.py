@@ -1,11 +1,12 @@
-"""Basin populations from a chain and from recycled (Rao-Blackwellized) flow-move candidates."""
+"""Basin populations from a chain and from recycled (Rao-Blackwellized) flow-move candidates; dihedral
+regions; the tail of importance weights."""
 import numpy as np
 
 import math
 
 import pytest
 
-from openmm_flowpert.analysis import gpd_fit, pareto_khat, phi_populations
+from openmm_flowpert.analysis import DihedralRegion, backbone_dihedrals, gpd_fit, pareto_khat, phi_populations
 
 
 def test_recycled_populations_weigh_each_point_by_its_draw_probability():
@@ -67,3 +68,44 @@ def test_pareto_khat_reads_the_tail_of_importance_weights():
     assert pareto_khat(np.append(lw, [-np.inf, np.nan])) == pareto_khat(lw)
     with pytest.raises(ValueError, match="at least 25"):
         pareto_khat(np.zeros(10))
+
+
+def test_dihedral_region_by_name_and_by_atoms_agrees_with_mdtraj():
+    """phi:LOW:HIGH and the same dihedral by its four atoms select the frames mdtraj puts in the range;
+    LOW > HIGH selects the complement (the range through +-pi)."""
+    import mdtraj as md
+
+    from openmm_flowpert.systems import get_system
+
+    ala = get_system("alanine-dipeptide")
+    x = ala.positions[None] + np.random.default_rng(0).normal(0, 0.03, (50, ala.n_atoms, 3))
+    traj = md.Trajectory(x.astype(np.float32), md.Topology.from_openmm(ala.topology))
+    atoms, phi = md.compute_phi(traj)
+    phi = phi[:, 0].astype(np.float64)
+    np.testing.assert_array_equal(backbone_dihedrals(x, ala.topology)[0][:, 0], phi)
+    lo, hi = np.quantile(phi, [0.2, 0.7])
+    inside = ((phi > lo) & (phi < hi)).astype(float)
+    assert 0.4 < inside.mean() < 0.6
+    np.testing.assert_array_equal(DihedralRegion.parse(f"phi:{lo}:{hi}").fraction(x, ala.topology), inside)
+    by_atoms = DihedralRegion.parse("-".join(str(i) for i in atoms[0]) + f":{lo}:{hi}")
+    np.testing.assert_array_equal(by_atoms.fraction(x, ala.topology), inside)
+    np.testing.assert_array_equal(DihedralRegion("phi", hi, lo).fraction(x, ala.topology), 1 - inside)
+    psi = DihedralRegion.parse("psi:-3.1416:3.1416").fraction(x, ala.topology)
+    assert psi.shape == (50,) and psi.min() == 1.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("phi:0", "ANGLE:LOW:HIGH"), ("phi:a:1", "ANGLE:LOW:HIGH"), ("phi:0:150", "degrees"),
+    ("phi:1:1", "empty"), ("omega:0:1", "phi, psi or four"), ("1-2-3:0:1", "four"), ("1-1-2-3:0:1", "different"),
+])
+def test_dihedral_region_refuses_bad_text(text, message):
+    with pytest.raises(ValueError, match=message):
+        DihedralRegion.parse(text)
+
+
+def test_dihedral_region_refuses_atoms_out_of_range():
+    from openmm_flowpert.systems import get_system
+
+    ala = get_system("alanine-dipeptide")
+    with pytest.raises(ValueError, match="out of range for 22 atoms"):
+        DihedralRegion.parse("4-6-8-22:0:1").fraction(ala.positions[None], ala.topology)

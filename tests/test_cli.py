@@ -66,6 +66,22 @@ def test_cli_simulate_train_sample(tmp_path, capsys):
     cond = fp.PerturbedFlow.load(str(cond_file))
     assert cond.metadata["condition"]["range"] == [300.0, 330.0] and cond.metadata["temperature"] == 300.0
 
+    # --rare-region: the frames in a phi range (a tenth of them here) repeated to 30 % of the training set,
+    # counted independently with mdtraj; the same dihedral given by its four atoms makes the same set
+    atoms, phi = md.compute_phi(t)
+    lo, hi = np.quantile(phi[:, 0], [0.45, 0.55])
+    m = int(((phi[:, 0] > lo) & (phi[:, 0] < hi)).sum())
+    copies = min(range(20), key=lambda k: abs(m * (1 + k) / (300 + k * m) - 0.3))   # the nearest share
+    for k, region in enumerate((f"phi:{lo}:{hi}", "-".join(map(str, atoms[0])) + f":{lo}:{hi}")):
+        rare_file = tmp_path / f"rare{k}.pt"
+        assert main(["train", "--data", str(data), "--out", str(rare_file), "--epochs", "1", "--hidden", "16",
+                     "--layers", "1", "--steps", "4", "--no-validate", "--rare-region", region,
+                     "--rare-share", "0.3"]) == 0
+        rare = fp.PerturbedFlow.load(str(rare_file)).metadata["training"]["rare_region"]
+        assert rare == dict(frames=300, region_frames=m, copies=copies, share=m * (1 + copies) / (300 + copies * m),
+                            region=region)
+    assert f"{m} of 300 frames, repeated {copies} more time(s)" in capsys.readouterr().out
+
     out = tmp_path / "run"
     assert main(["sample", "--system", "alanine-dipeptide", "--flow", str(flow_file), "--out", str(out),
                  "--iterations", "6", "--md-steps", "50", "--proposals", "4"]) == 0

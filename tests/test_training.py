@@ -14,6 +14,7 @@ from openmm_flowpert.flow import TRANSFORMS, Affine, get_transform, register_tra
 from openmm_flowpert.flow.metadata import FlowMetadata
 from openmm_flowpert.testsystems import GaussianMixtureTarget, TorsionChain
 from openmm_flowpert.training import DEFAULTS, FlowTrainer, TrainingConfig, prepare_data
+from openmm_flowpert.training.data import repeat_to_share
 
 SMALL = dict(epochs=2, hidden=16, n_layers=2, n_steps=4, lr=2e-3, ema=0.995, progress=False, seed=3)
 
@@ -220,3 +221,31 @@ def test_training_checkpoint_refuses_other_settings(tmp_path):
     fp.train_flow(x, checkpoint=ck, checkpoint_every=1, minutes=5.0, **kw)      # a stopping rule: same run
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
         fp.train_flow(x, checkpoint=ck, lr=2e-3, **kw)
+
+
+def test_repeat_to_share_adds_whole_copies_of_the_region_frames():
+    """3 of 1,000 frames in the region, share 0.01: the whole number of extra copies whose share is
+    nearest (2 copies: 9 / 1006), each copy with its frame's temperature; a region already above the
+    share is left alone; no region frame, a share outside (0, 1) or a mask of the wrong length is refused."""
+    import numpy as np
+
+    x = np.arange(1000.0)[:, None]
+    mask = x[:, 0] < 3
+    temps = np.where(mask, 330.0, 300.0)
+    y, t, info = repeat_to_share(x, mask, 0.01, temps)
+    assert info == dict(frames=1000, region_frames=3, copies=2, share=9 / 1006)
+    shares = [3 * (1 + k) / (1000 + 3 * k) for k in range(6)]
+    assert min(range(6), key=lambda k: abs(shares[k] - 0.01)) == 2
+    np.testing.assert_array_equal(y[:1000], x)
+    np.testing.assert_array_equal(y[1000:, 0], [0, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(t[1000:], 330.0)
+    assert len(t) == len(y) == 1006
+    y, t, info = repeat_to_share(x, mask, 0.001)
+    assert info["copies"] == 0 and len(y) == 1000 and t is None
+    with pytest.raises(ValueError, match="no frame lies in the region"):
+        repeat_to_share(x, np.zeros(1000, bool), 0.01)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"share must be in \(0, 1\)"):
+            repeat_to_share(x, mask, bad)
+    with pytest.raises(ValueError, match="one per frame"):
+        repeat_to_share(x, mask[:10], 0.01)

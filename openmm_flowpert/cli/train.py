@@ -63,6 +63,14 @@ def add_parser(sub) -> None:
                    help="temperature (K) of each --data file, one per file (e.g. the replicas of a replica-exchange "
                         "run): trains one temperature-conditioned flow on all of them, which FlowPerturbationMove "
                         "uses at each thermodynamic state's temperature")
+    p.add_argument("--rare-region", default=None, metavar="ANGLE:LOW:HIGH",
+                   help="a rare state by one dihedral's range in rad: phi:0:2.5 (backbone phi of any residue: alanine "
+                        "dipeptide's left-handed basin), psi:LOW:HIGH, or four 0-based atom indices, 4-6-8-14:LOW:HIGH "
+                        "(LOW > HIGH wraps through +-pi); its frames are repeated to --rare-share of the training set")
+    p.add_argument("--rare-share", type=_args.positive_float, default=None, metavar="F",
+                   help="fraction (0 < F < 1) of the training frames in --rare-region, best about the state's "
+                        "Boltzmann share (alanine dipeptide at 300 K: 0.01): the flow proposes the state about that "
+                        "often; the weights correct any share exactly")
     p.add_argument("--coordinates", default="internal-cdf", choices=sorted(TRANSFORMS),
                    help="the flow's fixed transform: internal coordinates from the topology's bonds with each "
                         "torsion mapped to the line by its own data marginal (internal-cdf); the same with the "
@@ -94,6 +102,7 @@ def check(args) -> dict:
                                f"{len(args.data)} --data file(s); give one temperature (K) per file")
     if args.top is not None:
         _args.input_file(args.top, "--top")
+    rare_region(args)
     if not args.no_validate and args.system:
         _args.check_system(args.system)
     hyper = {name: getattr(args, name) for name in TrainingConfig.help()}
@@ -101,6 +110,41 @@ def check(args) -> dict:
     if not args.restart:
         _check_checkpoint(args.out + ".ckpt", hyper)
     return hyper
+
+
+def rare_region(args):
+    """The checked --rare-region (an analysis.DihedralRegion) or None; raises InputError."""
+    from ..analysis import DihedralRegion
+
+    if (args.rare_region is None) != (args.rare_share is None):
+        raise _args.InputError("--rare-region and --rare-share go together; give both (e.g. --rare-region phi:0:2.5 "
+                               "--rare-share 0.01) or neither")
+    if args.rare_region is None:
+        return None
+    if not args.rare_share < 1:
+        raise _args.InputError(f"--rare-share must be a fraction below 1, got {args.rare_share:g}")
+    try:
+        return DihedralRegion.parse(args.rare_region)
+    except ValueError as exc:
+        raise _args.InputError(f"--rare-region: {exc}") from None
+
+
+def with_rare_frames(args, x, top, temps):
+    """The frames with --rare-region's repeated to --rare-share (unchanged without the options), their
+    temperatures, and the repeat's info for the flow's metadata (None without). Raises InputError."""
+    from ..training.data import repeat_to_share
+
+    region = rare_region(args)
+    if region is None:
+        return x, temps, None
+    try:
+        inside = region.fraction(x, top) > 0
+        x, temps, info = repeat_to_share(x, inside, args.rare_share, temps)
+    except ValueError as exc:
+        raise _args.InputError(f"--rare-region {args.rare_region}: {exc}") from None
+    print(f"--rare-region {args.rare_region}: {info['region_frames']} of {info['frames']} frames, repeated "
+          f"{info['copies']} more time(s): {100 * info['share']:.2f} % of {len(x)} training frames")
+    return x, temps, dict(info, region=args.rare_region)
 
 
 def _check_checkpoint(ckpt: str, hyper: dict) -> None:
@@ -163,6 +207,7 @@ def run(args) -> int:
         ms = _args.load_system(args.system, args.forcefield)
     x, top, temps = read_data(args)
     print(f"{len(x)} frames of {top.n_atoms} atoms")
+    x, temps, rare = with_rare_frames(args, x, top, temps)
     if ms is not None:
         from ..energies import ReducedPotential
 
@@ -182,6 +227,8 @@ def run(args) -> int:
                                  temperature=args.temperature, temperatures=temps, energy=energy,
                                  checkpoint=ckpt, progress=True,
                                  device=args.device, **hyper)
+        if rare is not None:
+            flow.metadata["training"]["rare_region"] = rare
         flow.save(args.out)
     if os.path.exists(ckpt):
         os.unlink(ckpt)

@@ -2,8 +2,9 @@
 
 :func:`~openmm_flowpert.train_flow` takes these as keyword arguments and ``flowpert train`` as
 options (``--n-layers`` for ``n_layers``, ...), both with the defaults below and the help text of
-each field's metadata. The defaults are those of the command line, with which the README's recipe
-and the bundled alanine-dipeptide flow were trained.
+each field's metadata. The bundled alanine-dipeptide flow was trained with these except
+``epochs=150, batch_size=512, minutes=30`` (its metadata holds the command; docs/benchmarks.md
+section 6).
 """
 from __future__ import annotations
 

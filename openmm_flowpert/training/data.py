@@ -8,7 +8,7 @@ through its inverse, and splits them into training and validation sets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..flow import FixedTransform, get_transform
 from ..noise import project_mean_free
 
-__all__ = ["TrainingData", "prepare_data", "as_samples", "split", "temperature_features"]
+__all__ = ["TrainingData", "prepare_data", "as_samples", "split", "temperature_features", "repeat_to_share"]
 
 
 @dataclass
@@ -117,6 +117,60 @@ def temperature_features(temperatures, reference: float, n: int) -> torch.Tensor
     if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()) or not reference > 0:
         raise ValueError("temperatures must be positive numbers of kelvin (and the reference temperature too)")
     return torch.log(t / float(reference)).float().reshape(n, 1)
+
+
+def repeat_to_share(samples: np.ndarray, in_region: np.ndarray, share: float,
+                    temperatures: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray], dict]:
+    """Repeat the frames of a rare region until they make up ``share`` of the training set.
+
+    Flow matching learns the mix of its data: a state that the data hold at a tenth of its Boltzmann
+    weight gets a tenth of the proposals, and one they hold at nine times its weight costs the rest
+    of the map (docs/algorithm.md 17.5). With frames of the state from replica exchange or a biased
+    run, repeating them to about the state's Boltzmann share covers it. The Metropolis test and the
+    importance weights use the flow's own density, so any share stays exact; it only moves the ESS.
+    Frames are only added, never dropped: a region that already has ``share`` is left as it is.
+
+    Parameters
+    ----------
+    samples : array (n, ...)
+        The frames (positions in nm, any trailing shape).
+    in_region : bool array (n,)
+        Which frames lie in the region.
+    share : float
+        The wanted fraction of the frames in the region, 0 < share < 1.
+    temperatures : array (n,), optional
+        Each frame's temperature (K), repeated with its frame.
+
+    Returns
+    -------
+    samples, temperatures, info
+        The frames with every region frame appended ``copies`` more times (each copy keeps its
+        temperature), and ``info``: ``frames`` and ``region_frames`` before, ``copies``, and the
+        ``share`` reached (the nearest to the one asked for that whole copies give).
+
+    Examples
+    --------
+    >>> x, _, info = repeat_to_share(np.zeros((1000, 22, 3)), np.arange(1000) < 2, 0.01)
+    >>> info["copies"], len(x)
+    (4, 1008)
+    """
+    x = np.asarray(samples)
+    mask = np.asarray(in_region, dtype=bool).reshape(-1)
+    if mask.shape[0] != x.shape[0]:
+        raise ValueError(f"in_region has {mask.shape[0]} entries for {x.shape[0]} frames; give one per frame")
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    n, m = x.shape[0], int(mask.sum())
+    if m == 0:
+        raise ValueError("no frame lies in the region, so none can be repeated; add frames that visit it "
+                         "(replica exchange, a biased run) or check the region")
+    copies = max(0, int(round((share * n - m) / (m * (1.0 - share)))))
+    x = np.concatenate([x] + [x[mask]] * copies, 0)
+    if temperatures is not None:
+        t = np.asarray(temperatures).reshape(-1)
+        temperatures = np.concatenate([t] + [t[mask]] * copies, 0)
+    info = dict(frames=n, region_frames=m, copies=copies, share=m * (1 + copies) / (n + copies * m))
+    return x, temperatures, info
 
 
 def prepare_data(samples, *, coordinates: str, topology=None, remove_com: Optional[bool] = None,
