@@ -7,6 +7,7 @@ through its inverse, and splits them into training and validation sets.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -164,12 +165,16 @@ def repeat_to_share(samples: np.ndarray, in_region: np.ndarray, share: float,
     if m == 0:
         raise ValueError("no frame lies in the region, so none can be repeated; add frames that visit it "
                          "(replica exchange, a biased run) or check the region")
-    copies = max(0, int(round((share * n - m) / (m * (1.0 - share)))))
+    def reached(k: int) -> float:
+        return m * (1 + k) / (n + k * m)
+
+    k = max(0.0, (share * n - m) / (m * (1.0 - share)))   # the real-valued solution of reached(k) = share
+    copies = min((math.floor(k), math.ceil(k)), key=lambda c: abs(reached(c) - share))
     x = np.concatenate([x] + [x[mask]] * copies, 0)
     if temperatures is not None:
         t = np.asarray(temperatures).reshape(-1)
         temperatures = np.concatenate([t] + [t[mask]] * copies, 0)
-    info = dict(frames=n, region_frames=m, copies=copies, share=m * (1 + copies) / (n + copies * m))
+    info = dict(frames=n, region_frames=m, copies=copies, share=reached(copies))
     return x, temperatures, info
 
 
