@@ -242,6 +242,8 @@ def test_repeat_to_share_adds_whole_copies_of_the_region_frames():
     assert len(t) == len(y) == 1006
     y, t, info = repeat_to_share(x, mask, 0.001)
     assert info["copies"] == 0 and len(y) == 1000 and t is None
+    with pytest.warns(UserWarning, match="repeated 141 more times"):   # few frames, a large share
+        assert repeat_to_share(x, mask, 0.3)[2]["copies"] == 141
     with pytest.raises(ValueError, match="no frame lies in the region"):
         repeat_to_share(x, np.zeros(1000, bool), 0.01)
     for bad in (0.0, 1.0, -0.1):
