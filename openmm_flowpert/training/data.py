@@ -121,7 +121,7 @@ def temperature_features(temperatures, reference: float, n: int) -> torch.Tensor
     return torch.log(t / float(reference)).float().reshape(n, 1)
 
 
-#: More copies of each region frame than this draw a warning (32 copies of 1,311 frames overfitted).
+#: More extra copies of each region frame than this draw a warning (31 of 1,311 frames overfitted).
 MAX_COPIES = 10
 
 
@@ -135,9 +135,9 @@ def repeat_to_share(samples: np.ndarray, in_region: np.ndarray, share: float,
     run, repeating them to about the state's Boltzmann share covers it. The Metropolis test and the
     importance weights use the flow's own density, so any share stays exact; it only moves the ESS.
     Frames are only added, never dropped: a region that already has ``share`` is left as it is. Many
-    copies of few frames teach the flow those frames: on alanine tetrapeptide, 1,311 frames repeated
-    32 times made held-out frames of the state 27 nats less likely than no repeats did; 4,154 frames
-    (a 3x longer replica-exchange run) repeated 10 times showed no such loss. More than
+    copies of few frames teach the flow those frames: on alanine tetrapeptide, 31 more copies of
+    1,311 frames made held-out frames of the state 27 nats less likely than no repeats did; 10 more
+    copies of 4,154 frames (a 3x longer replica-exchange run) showed no such loss. More than
     ``MAX_COPIES`` copies warn.
 
     Parameters
