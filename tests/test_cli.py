@@ -131,6 +131,28 @@ def test_train_resume_is_identical(tmp_path):
     assert resumed.metadata["training"]["epochs"] == 4
 
 
+def test_cli_train_resumes_a_molecular_run(tmp_path, capsys):
+    """``flowpert train`` run again after an interruption resumes its checkpoint, with the default
+    --linear (resolved to True for molecules when training starts); other frames are refused (exit 2)."""
+    from openmm_flowpert.cli._io import read_trajectory
+
+    data = tmp_path / "ala.dcd"
+    assert main(["simulate", "--system", "alanine-dipeptide", "--out", str(data), "--ns", "0.003",
+                 "--frame-ps", "0.1", "--equilibration-ps", "0.1"]) == 0
+    x, top = read_trajectory(str(data), None, None, 1)
+    out = str(tmp_path / "f.pt")
+    kw = dict(epochs=3, hidden=8, n_layers=1, n_steps=2, progress=False)
+    fp.train_flow(x, topology=top.to_openmm(), checkpoint=out + ".ckpt", checkpoint_every=1, max_minutes=0.0, **kw)
+    assert torch.load(out + ".ckpt", weights_only=False)["trainer"]["epoch"] == 1   # "interrupted" after epoch 1
+    args = ["train", "--data", str(data), "--out", out, "--epochs", "3", "--hidden", "8", "--layers", "1",
+            "--steps", "2", "--no-validate"]
+    assert main(args + ["--stride", "2"]) == 2                                       # other frames: refused
+    assert "other training samples" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert fp.PerturbedFlow.load(out).metadata["training"]["epochs"] == 3 and not os.path.exists(out + ".ckpt")
+
+
 def test_hybrid_resume_continues(tmp_path):
     from openmm_flowpert.samplers import run_hybrid
 

@@ -212,7 +212,8 @@ def test_a_new_transform_plugs_in_without_new_branches(chain_x):
 
 def test_training_checkpoint_refuses_other_settings(tmp_path):
     """A training checkpoint resumes only the run it belongs to: another learning rate (a different
-    schedule) is refused with one line naming the setting; another wall-clock budget is not."""
+    schedule) is refused with one line naming the setting, other training samples too; another
+    wall-clock budget is not."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 3, generator=gen, dtype=torch.float64)
     kw = dict(epochs=2, hidden=8, n_layers=1, n_steps=2, progress=False, seed=0)
@@ -221,6 +222,11 @@ def test_training_checkpoint_refuses_other_settings(tmp_path):
     fp.train_flow(x, checkpoint=ck, checkpoint_every=1, minutes=5.0, **kw)      # a stopping rule: same run
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 there, 0.002 now\)"):
         fp.train_flow(x, checkpoint=ck, lr=2e-3, **kw)
+    y = x.clone()
+    y[7, 1] += 1e-9                                   # other samples of the same shape: another run
+    with pytest.raises(ValueError, match=r"does not fit this run \(the training state belongs to other training "
+                                         r"samples \(300 frames, sha1 [0-9a-f]{12}; this run: 300 frames"):
+        fp.train_flow(y, checkpoint=ck, **kw)
 
 
 def test_repeat_to_share_adds_whole_copies_of_the_region_frames():

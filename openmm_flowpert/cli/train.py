@@ -166,7 +166,9 @@ def _check_checkpoint(ckpt: str, hyper: dict) -> None:
     if stored is None:
         raise _args.InputError(f"{ckpt!r} is not a training checkpoint of this version. {_RESTART}")
     wanted = run_settings(TrainingConfig(**hyper))
-    diff = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in wanted.items() if stored.get(k) != v]
+    # None (the default of --linear) is resolved by the library when training starts; it checks the resolved value
+    diff = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in wanted.items()
+            if v is not None and stored.get(k) != v]
     if diff:
         raise _args.InputError(f"training checkpoint {ckpt!r} holds a run with other settings ({'; '.join(diff)}); "
                                f"resume it with the same settings. {_RESTART}")

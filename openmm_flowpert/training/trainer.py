@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import time
 from typing import Optional
@@ -65,6 +66,7 @@ class FlowTrainer:
         self.t_val = torch.rand(n_val, 1, generator=vgen).to(self.device) if n_val else None
         self.best, self.best_state = float("inf"), copy.deepcopy(self.ema_model.state_dict())
         self.since_best, self.epoch = 0, 0
+        self.samples = samples_fingerprint(data)
 
     # -- the loss ------------------------------------------------------------------------------------
     def draw_prior(self, n: int, g: torch.Generator) -> torch.Tensor:
@@ -174,13 +176,17 @@ class FlowTrainer:
         return {"velocity": self.velocity.state_dict(), "ema": self.ema_model.state_dict(),
                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
                 "best": self.best, "best_state": self.best_state, "since_best": self.since_best,
-                "epoch": self.epoch, "elapsed": self.elapsed(), "dim": self.data.dim, "seed": int(self.config.seed)}
+                "epoch": self.epoch, "elapsed": self.elapsed(), "dim": self.data.dim, "seed": int(self.config.seed),
+                "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (the wall-clock budget counts the time already spent)."""
         if state.get("dim") != self.data.dim or state.get("seed") != int(self.config.seed):
             raise ValueError(f"the training state belongs to another run (dimension {state.get('dim')}, seed "
                              f"{state.get('seed')}; this run: {self.data.dim}, {int(self.config.seed)})")
+        if state.get("samples", self.samples) != self.samples:  # checkpoints before 2026-12-07 carry none
+            raise ValueError(f"the training state belongs to other training samples ({state['samples']}; this run: "
+                             f"{self.samples})")
         self.velocity.load_state_dict(state["velocity"])
         self.ema_model.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -189,6 +195,16 @@ class FlowTrainer:
         self.best, self.best_state, self.since_best = state["best"], state["best_state"], state["since_best"]
         self.epoch = state["epoch"]
         self.started -= state["elapsed"]
+
+
+def samples_fingerprint(data: TrainingData) -> str:
+    """``"N frames, sha1 HEX"`` of the samples as given (float64) and their conditions: a resumed run must
+    train on the same frames (another --data, --stride or --rare-share changes it)."""
+    h = hashlib.sha1(data.x.detach().cpu().contiguous().numpy().tobytes())
+    for c in (data.c_train, data.c_val):
+        if c is not None:
+            h.update(c.detach().cpu().contiguous().numpy().tobytes())
+    return f"{data.x.shape[0]} frames, sha1 {h.hexdigest()[:12]}"
 
 
 def run_settings(config: TrainingConfig) -> dict:
@@ -216,5 +232,6 @@ def load_checkpoint(path: str, trainer: FlowTrainer) -> None:
     try:
         trainer.load_state_dict(ck["trainer"])
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise ValueError(f"training checkpoint {path!r} does not fit this run ({type(exc).__name__}); delete it "
+        why = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+        raise ValueError(f"training checkpoint {path!r} does not fit this run ({why}); delete it "
                          "or use another checkpoint path") from None
