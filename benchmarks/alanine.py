@@ -48,10 +48,9 @@ def molecule():
 def in_basin(x) -> np.ndarray:
     """Per frame (B,): the fraction of residues with 0 < phi < 2.5 rad (for the dipeptide: the
     indicator of its one phi in that basin)."""
-    from openmm_flowpert.analysis import PHI_BASIN, backbone_dihedrals
+    from openmm_flowpert.analysis import PHI_BASIN, DihedralRegion
 
-    phi = backbone_dihedrals(np.asarray(x, dtype=np.float64), molecule().topology)[0]
-    return ((phi > PHI_BASIN[0]) & (phi < PHI_BASIN[1])).mean(axis=1)
+    return DihedralRegion("phi", *PHI_BASIN).fraction(np.asarray(x, dtype=np.float64), molecule().topology)
 
 
 def block_se(values: np.ndarray, n_blocks: int = 20) -> float:
