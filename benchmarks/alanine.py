@@ -116,6 +116,27 @@ def load_frames(paths, temperature_index=0):
     return np.concatenate(xs, 0)
 
 
+def ladder_at_300k(paths: str, n_frames: int, seed: int) -> np.ndarray:
+    """Training frames (nm) at 300 K from every replica: the 300 K frames of files without a ladder (MD) as they
+    are, and n_frames drawn from each ladder file's pooled replicas in proportion to their MBAR weights at
+    300 K (``training.data.reweight_ladder``), so that hotter replicas add distinct frames without heating the set."""
+    from openmm_flowpert.training.data import reweight_ladder
+
+    xs = []
+    for p in paths.split(","):
+        f = np.load(p)
+        if "temps" not in f.files:
+            xs.append(f["pos"][0].astype(np.float64))
+            continue
+        temps = np.repeat(f["temps"].astype(np.float64), f["red"].shape[1])
+        u300 = (f["red"].astype(np.float64) * f["temps"][:, None] / 300.0).reshape(-1)   # u_k = U / kT_k
+        x, info = reweight_ladder(f["pos"].reshape(-1, *f["pos"].shape[2:]), temps, u300, 300.0, n_frames, seed)
+        print(f"{p}: {n_frames} frames at 300 K from {info['distinct']} distinct of {info['frames']} "
+              f"(Kish n_eff {info['kish_frames']:.0f})")
+        xs.append(x.astype(np.float64))
+    return np.concatenate(xs, 0)
+
+
 def with_basin_frames(x: np.ndarray, data: str, fraction: float) -> np.ndarray:
     """Cover the rare 0 < phi < 2.5 basin: the frames x with the basin's frames of the data files (300 K
     and the next two replicas) appended, repeated until they make up ``fraction`` of the set (the
@@ -137,6 +158,9 @@ def cmd_train(args):
     if args.replicas != "0":
         print(f"training frames: {len(x)} from replicas {args.replicas} (300 K is 0)")
     temps = None
+    if args.reweight_ladder:
+        x = ladder_at_300k(args.data, args.reweight_ladder, args.seed)
+        print(f"training frames: {len(x)} ({100 * in_basin(x).mean():.1f} % in 0 < phi < 2.5)")
     if args.conditioned:  # every replica of every file, each frame with its temperature
         x, temps = all_replicas(args.data)
         print(f"temperature-conditioned: {len(x)} frames at {sorted(set(np.round(temps, 1).tolist()))} K")
@@ -543,6 +567,9 @@ def main():
                    help="replica indices whose frames make the training set, comma-separated (0: 300 K, 1: 331 K, ...)")
     t.add_argument("--conditioned", action="store_true",
                    help="one temperature-conditioned flow on every replica's frames (T0 = 300 K)")
+    t.add_argument("--reweight-ladder", type=int, default=0, metavar="N",
+                   help="N frames at 300 K resampled from every replica of each replica-exchange file by MBAR "
+                        "weights (files without a ladder, MD, are added as they are)")
     t.add_argument("--basin-fraction", type=float, default=0.0,
                    help="repeat frames with 0 < phi < 2.5 until they are this fraction of the training set")
     r = sub.add_parser("refine", help="importance-weighted refinement of a trained flow (its W-resampled proposals)")

@@ -1,8 +1,9 @@
-"""fp++ noise against the number of integrator steps, on the bundled alanine-dipeptide flow.
+"""fp++ noise against the number of integrator steps, on the bundled alanine-dipeptide flow (or --flow).
 
     OMP_NUM_THREADS=1 python benchmarks/fpp_steps.py --n 1000 --steps 20,30,40
+    OMP_NUM_THREADS=1 python benchmarks/fpp_steps.py --system alanine-tetrapeptide --flow F.pt --steps 20,40,80
 
-For each K: the bundled velocity field re-built on a quadratic grid of K RK4 steps, ``--n`` proposals
+For each K: the flow's velocity field re-built on a quadratic grid of K RK4 steps, ``--n`` proposals
 from the same latents (noise seed 7) weighed with exact log-dets and with fp++ (reduced energies in
 kT, log q in nats). Prints one JSON line per K: Kish ESS of both weightings (%, bootstrap SE), mean
 and std of log W(fp++) - log W(exact) (nats), and the cost of one fp++ proposal (ms) at batch 16
@@ -22,6 +23,7 @@ from openmm_flowpert.energies import ReducedPotential
 from openmm_flowpert.flow.cnf import time_grid
 
 sys.path.insert(0, os.path.dirname(__file__))
+import alanine  # noqa: E402
 from alanine import bootstrap_kish, kish, molecule  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(fp.__file__), "data", "alanine-dipeptide-vacuum-300K.pt")
@@ -56,10 +58,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000, help="proposals per K (a multiple of 250)")
     p.add_argument("--steps", default="20,30,40", help="integrator steps K, comma-separated")
+    p.add_argument("--flow", default=BUNDLED, help="flow file (default: the bundled alanine-dipeptide flow)")
+    p.add_argument("--system", default="alanine-dipeptide", help="built-in system of the flow")
     args = p.parse_args()
+    alanine.SYSTEM["name"] = args.system
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rp = ReducedPotential(molecule().system, 300.0)
-    base = fp.PerturbedFlow.load(BUNDLED)
+    base = fp.PerturbedFlow.load(args.flow)
     for K in (int(k) for k in args.steps.split(",")):
         flow = base.rebuilt(times=time_grid(K))
         exact, fpp = log_weights(flow, rp, args.n)

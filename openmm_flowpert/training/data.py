@@ -18,7 +18,8 @@ import torch
 from ..flow import FixedTransform, get_transform
 from ..noise import project_mean_free
 
-__all__ = ["TrainingData", "prepare_data", "as_samples", "split", "temperature_features", "repeat_to_share"]
+__all__ = ["TrainingData", "prepare_data", "as_samples", "split", "temperature_features", "repeat_to_share",
+           "ladder_log_weights", "reweight_ladder"]
 
 
 @dataclass
@@ -190,6 +191,115 @@ def repeat_to_share(samples: np.ndarray, in_region: np.ndarray, share: float,
         temperatures = np.concatenate([t] + [t[mask]] * copies, 0)
     info = dict(frames=n, region_frames=m, copies=copies, share=reached(copies))
     return x, temperatures, info
+
+
+def ladder_log_weights(reduced_energies: np.ndarray, temperatures: np.ndarray, temperature: float,
+                       tolerance: float = 1e-9, max_iterations: int = 10000) -> np.ndarray:
+    """Normalized log weights (nats) at ``temperature`` of frames pooled from a temperature ladder (MBAR).
+
+    Frames drawn at several temperatures T_k of one potential (the replicas of a replica-exchange run)
+    estimate averages at any T by the multistate Bennett acceptance ratio: the weight of frame n is
+    exp(-u_n) / sum_k N_k exp(f_k - u_n T/T_k), u_n its reduced energy at T, f_k the reduced free energy
+    of T_k, solved self-consistently (docs/algorithm.md 17.6).
+
+    Parameters
+    ----------
+    reduced_energies : array (n,)
+        Each frame's reduced potential U / kT at ``temperature`` (kT; finite).
+    temperatures : array (n,)
+        The temperature (K) each frame was sampled at; the distinct values make the ladder.
+    temperature : float
+        The temperature (K) to reweight to; it need not be on the ladder.
+
+    Returns
+    -------
+    log_w : array (n,)
+        log weights with logsumexp(log_w) = 0.
+
+    Examples
+    --------
+    >>> u = np.array([1.0, 2.0, 1.5, 3.0])
+    >>> w = np.exp(ladder_log_weights(u, np.array([300.0, 300.0, 400.0, 400.0]), 300.0))
+    >>> bool(abs(w.sum() - 1) < 1e-12 and w[0] > w[1])
+    True
+    """
+    u = np.asarray(reduced_energies, dtype=np.float64).reshape(-1)
+    t = np.asarray(temperatures, dtype=np.float64).reshape(-1)
+    if u.shape != t.shape:
+        raise ValueError(f"{u.shape[0]} reduced energies for {t.shape[0]} temperatures; give one of each per frame")
+    if not np.all(np.isfinite(u)):
+        raise ValueError(f"{int(np.sum(~np.isfinite(u)))} frame(s) have a non-finite energy; remove them first")
+    if not (np.all(t > 0) and temperature > 0):
+        raise ValueError("temperatures must be positive numbers of kelvin")
+    ladder, which = np.unique(t, return_inverse=True)
+    log_n = np.log(np.bincount(which))
+    u_k = u[:, None] * (float(temperature) / ladder[None, :])      # (n, K): each frame's u at each T_k
+    f = np.zeros(len(ladder))
+    for _ in range(max_iterations):
+        log_den = np.logaddexp.reduce(log_n[None, :] + f[None, :] - u_k, axis=1)
+        f_new = -np.logaddexp.reduce(-u_k - log_den[:, None], axis=0)
+        f_new -= f_new[0]
+        converged = np.max(np.abs(f_new - f)) < tolerance
+        f = f_new
+        if converged:
+            break
+    log_w = -u - log_den
+    return log_w - np.logaddexp.reduce(log_w)
+
+
+def reweight_ladder(samples: np.ndarray, temperatures: np.ndarray, reduced_energies: np.ndarray,
+                    temperature: float, n_frames: Optional[int] = None, seed: int = 0) -> Tuple[np.ndarray, dict]:
+    """Frames of a temperature ladder resampled to the Boltzmann distribution at ``temperature``.
+
+    Flow matching learns the mix of its data, so training a flow for 300 K on frames from hotter
+    replicas as they are makes its proposals hot (alanine tetrapeptide: 8 kT above the data's median
+    energy). Weighting each frame by :func:`ladder_log_weights` and drawing ``n_frames`` by systematic
+    resampling gives a set at ``temperature`` in which the neighbouring replicas add distinct frames
+    (a 300-600 K ladder of 8 replicas: about twice the effective frames of the 300 K replica alone).
+
+    Parameters
+    ----------
+    samples : array (n, ...)
+        The frames (positions in nm, any trailing shape).
+    temperatures : array (n,)
+        The temperature (K) each frame was sampled at.
+    reduced_energies : array (n,)
+        Each frame's U / kT at ``temperature`` (kT).
+    temperature : float
+        The target temperature (K).
+    n_frames : int, optional
+        How many frames to draw (default: n).
+    seed : int
+        Seed of the resampling's one uniform offset.
+
+    Returns
+    -------
+    frames, info
+        ``n_frames`` frames (repeats where a weight is large), and ``info``: ``frames`` (n),
+        ``distinct`` (how many different frames were drawn), ``kish_frames`` (the weights' Kish
+        effective sample size) and ``share`` (the total weight of each ladder temperature, K -> fraction).
+
+    Examples
+    --------
+    >>> x = np.arange(4.0).reshape(4, 1, 1)
+    >>> y, info = reweight_ladder(x, np.array([300.0, 300.0, 600.0, 600.0]), np.zeros(4), 300.0)
+    >>> y.shape, info["distinct"]
+    ((4, 1, 1), 4)
+    """
+    x = np.asarray(samples)
+    t = np.asarray(temperatures, dtype=np.float64).reshape(-1)
+    if x.shape[0] != t.shape[0]:
+        raise ValueError(f"{t.shape[0]} temperatures for {x.shape[0]} frames; give one per frame")
+    n_frames = x.shape[0] if n_frames is None else int(n_frames)
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be a positive count, got {n_frames}")
+    w = np.exp(ladder_log_weights(reduced_energies, t, temperature))
+    points = (np.random.default_rng(seed).random() + np.arange(n_frames)) / n_frames
+    pick = np.minimum(np.searchsorted(np.cumsum(w), points), len(w) - 1)
+    share = {float(k): float(w[t == k].sum()) for k in np.unique(t)}
+    info = dict(frames=int(x.shape[0]), distinct=int(len(np.unique(pick))), kish_frames=float(1.0 / np.sum(w ** 2)),
+                share=share)
+    return x[pick], info
 
 
 def prepare_data(samples, *, coordinates: str, topology=None, remove_com: Optional[bool] = None,
