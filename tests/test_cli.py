@@ -65,6 +65,17 @@ def test_cli_simulate_train_sample(tmp_path, capsys):
                  str(cond_file), "--epochs", "2", "--hidden", "16", "--layers", "1", "--steps", "4"]) == 0
     cond = fp.PerturbedFlow.load(str(cond_file))
     assert cond.metadata["condition"]["range"] == [300.0, 330.0] and cond.metadata["temperature"] == 300.0
+    # --reweight: the same two files pooled at 300 K by MBAR instead; each frame is there twice with one
+    # energy, so each file carries half the weight, and the flow is a plain 300 K flow
+    pool_file = tmp_path / "pool.pt"
+    assert main(["train", "--data", str(data), str(data), "--data-temperatures", "300", "330", "--reweight",
+                 "--system", "alanine-dipeptide", "--out", str(pool_file), "--epochs", "1", "--hidden", "16",
+                 "--layers", "1", "--steps", "4", "--no-validate"]) == 0
+    pool = fp.PerturbedFlow.load(str(pool_file))
+    info = pool.metadata["training"]["reweighted"]
+    assert info["frames"] == 600 and "condition" not in pool.metadata
+    assert info["share"] == pytest.approx({"300 K": 0.5, "330 K": 0.5}, abs=1e-9)
+    assert "600 frames at 2 temperature(s) pooled at 300 K" in capsys.readouterr().out
 
     # --rare-region: the frames in a phi range (a tenth of them here) repeated to 30 % of the training set,
     # counted independently with mdtraj; the same dihedral given by its four atoms makes the same set

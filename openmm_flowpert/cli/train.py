@@ -63,6 +63,11 @@ def add_parser(sub) -> None:
                    help="temperature (K) of each --data file, one per file (e.g. the replicas of a replica-exchange "
                         "run): trains one temperature-conditioned flow on all of them, which FlowPerturbationMove "
                         "uses at each thermodynamic state's temperature")
+    p.add_argument("--reweight", action="store_true",
+                   help="with --data-temperatures: pool every file's frames at --temperature by their MBAR weights "
+                        "(energies from --system) and resample as many frames, for one flow at --temperature instead "
+                        "of a temperature-conditioned one; the hotter replicas add distinct frames without heating "
+                        "the proposals")
     p.add_argument("--rare-region", default=None, metavar="ANGLE:LOW:HIGH",
                    help="a rare state by one dihedral's range in rad: phi:0:2.5 (backbone phi of any residue: alanine "
                         "dipeptide's left-handed basin), psi:LOW:HIGH, or four 0-based atom indices, 4-6-8-14:LOW:HIGH "
@@ -100,10 +105,13 @@ def check(args) -> dict:
     if args.data_temperatures is not None and len(args.data_temperatures) != len(args.data):
         raise _args.InputError(f"--data-temperatures gives {len(args.data_temperatures)} temperature(s) for "
                                f"{len(args.data)} --data file(s); give one temperature (K) per file")
+    if args.reweight and args.data_temperatures is None:
+        raise _args.InputError("--reweight pools frames drawn at several temperatures; give --data-temperatures "
+                               "(K), one per --data file")
     if args.top is not None:
         _args.input_file(args.top, "--top")
     rare_region(args)
-    if not args.no_validate and args.system:
+    if args.system and (args.reweight or not args.no_validate):
         _args.check_system(args.system)
     hyper = {name: getattr(args, name) for name in TrainingConfig.help()}
     TrainingConfig(**hyper)  # the library's own checks, before any work
@@ -145,6 +153,29 @@ def with_rare_frames(args, x, top, temps):
     print(f"--rare-region {args.rare_region}: {info['region_frames']} of {info['frames']} frames, repeated "
           f"{info['copies']} more time(s): {100 * info['share']:.2f} % of {len(x)} training frames")
     return x, temps, dict(info, region=args.rare_region)
+
+
+def reweighted(args, x, temps, ms):
+    """With --reweight: the frames pooled at --temperature by their MBAR weights and resampled (as many
+    as given; temperatures None: one flow at --temperature), and the info for the flow's metadata.
+    Without: the arguments unchanged and None. Raises InputError."""
+    if not args.reweight:
+        return x, temps, None
+    import numpy as np
+
+    from ..energies import ReducedPotential
+    from ..training.data import reweight_ladder
+
+    u = ReducedPotential(ms.system, args.temperature)(x)
+    finite = np.isfinite(u)
+    if not finite.all():
+        print(f"--reweight: {int((~finite).sum())} frame(s) with a non-finite energy left out")
+    x, u, temps = x[finite], u[finite], temps[finite]
+    x, info = reweight_ladder(x, temps, u, args.temperature, seed=args.seed)
+    print(f"--reweight: {info['frames']} frames at {len(info['share'])} temperature(s) pooled at "
+          f"{args.temperature:g} K: {info['distinct']} distinct frames drawn, Kish size {info['kish_frames']:.0f}")
+    info["share"] = {f"{k:g} K": v for k, v in info["share"].items()}
+    return x, None, info
 
 
 def _check_checkpoint(ckpt: str, hyper: dict) -> None:
@@ -205,17 +236,19 @@ def run(args) -> int:
     hyper = check(args)
     energy = None
     ms = None
-    if not args.no_validate and args.system:
+    if args.system and (args.reweight or not args.no_validate):
         ms = _args.load_system(args.system, args.forcefield)
     x, top, temps = read_data(args)
     print(f"{len(x)} frames of {top.n_atoms} atoms")
+    if ms is not None and ms.n_atoms != top.n_atoms:
+        fix = "" if args.reweight else " or --no-validate"
+        raise _args.InputError(f"--system {args.system} has {ms.n_atoms} atoms but the trajectory has "
+                               f"{top.n_atoms}; pass the matching system{fix}")
+    x, temps, pooled = reweighted(args, x, temps, ms)
     x, temps, rare = with_rare_frames(args, x, top, temps)
-    if ms is not None:
+    if ms is not None and not args.no_validate:
         from ..energies import ReducedPotential
 
-        if ms.n_atoms != top.n_atoms:
-            raise _args.InputError(f"--system {args.system} has {ms.n_atoms} atoms but the trajectory has "
-                                   f"{top.n_atoms}; pass the matching system or --no-validate")
         energy = ReducedPotential(ms.system, args.temperature)
     ckpt = args.out + ".ckpt"
     args.interrupt_hint = f"run the same command again to resume from the last checkpoint in {ckpt}"
@@ -229,6 +262,8 @@ def run(args) -> int:
                                  temperature=args.temperature, temperatures=temps, energy=energy,
                                  checkpoint=ckpt, progress=True,
                                  device=args.device, **hyper)
+        if pooled is not None:
+            flow.metadata["training"]["reweighted"] = pooled
         if rare is not None:
             flow.metadata["training"]["rare_region"] = rare
         flow.save(args.out)
