@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the proposal-energy validation")
     p.add_argument("--temperature", type=_args.positive_float, default=300.0,
                    help="K of the training data (for validation); with --data-temperatures the reference "
-                        "temperature T0 at which the flow file is")
+                        "temperature T0 at which the flow file is; with --reweight the temperature the frames are "
+                        "pooled at")
     p.add_argument("--data-temperatures", type=_args.positive_float, nargs="+", default=None, metavar="K",
                    help="temperature (K) of each --data file, one per file (e.g. the replicas of a replica-exchange "
                         "run): trains one temperature-conditioned flow on all of them, which FlowPerturbationMove "
@@ -155,19 +156,22 @@ def with_rare_frames(args, x, top, temps):
     return x, temps, dict(info, region=args.rare_region)
 
 
-def reweighted(args, x, temps, ms):
-    """With --reweight: the frames pooled at --temperature by their MBAR weights and resampled (as many
-    as given; temperatures None: one flow at --temperature), and the info for the flow's metadata.
-    Without: the arguments unchanged and None. Raises InputError."""
+def reweighted(args, x, temps, energy):
+    """With --reweight: the frames (nm) pooled at --temperature by their MBAR weights from ``energy``
+    (a ReducedPotential at --temperature) and resampled, as many as given (temperatures None: one flow
+    at --temperature), and the info for the flow's metadata. Without: the arguments unchanged and None.
+    Raises InputError."""
     if not args.reweight:
         return x, temps, None
     import numpy as np
 
-    from ..energies import ReducedPotential
     from ..training.data import reweight_ladder
 
-    u = ReducedPotential(ms.system, args.temperature)(x)
+    u = energy(x)
     finite = np.isfinite(u)
+    if not finite.any():
+        raise _args.InputError(f"--reweight: no frame has a finite energy in --system {args.system}; check that "
+                               "the trajectories belong to that system")
     if not finite.all():
         print(f"--reweight: {int((~finite).sum())} frame(s) with a non-finite energy left out")
     x, u, temps = x[finite], u[finite], temps[finite]
@@ -244,12 +248,14 @@ def run(args) -> int:
         fix = "" if args.reweight else " or --no-validate"
         raise _args.InputError(f"--system {args.system} has {ms.n_atoms} atoms but the trajectory has "
                                f"{top.n_atoms}; pass the matching system{fix}")
-    x, temps, pooled = reweighted(args, x, temps, ms)
-    x, temps, rare = with_rare_frames(args, x, top, temps)
-    if ms is not None and not args.no_validate:
+    if ms is not None:
         from ..energies import ReducedPotential
 
         energy = ReducedPotential(ms.system, args.temperature)
+    x, temps, pooled = reweighted(args, x, temps, energy)
+    x, temps, rare = with_rare_frames(args, x, top, temps)
+    if args.no_validate:
+        energy = None
     ckpt = args.out + ".ckpt"
     args.interrupt_hint = f"run the same command again to resume from the last checkpoint in {ckpt}"
     if args.restart:
