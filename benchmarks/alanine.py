@@ -9,6 +9,7 @@ measurements. ``--system alanine-tetrapeptide`` (before the command) runs any co
     python benchmarks/alanine.py cost    --flows A.pt,B.pt                                 # ms per proposal
     python benchmarks/alanine.py kish    --flows A.pt,A.pt+B.pt --prior-scale 1.0          # exact Kish ESS
     python benchmarks/alanine.py kish    --flows A.pt --n 4000 --save runs/w_A.npz         # ... and keep them
+    python benchmarks/alanine.py forces  --flows A.pt,B.pt --heldout runs/ala_re2.npz  # excess energy per force
 
 ``data``: 8 replicas geometrically spaced over 300-600 K, Langevin 1 fs, swaps every 0.5 ps, one frame per
 replica every 0.5 ps. ``train``: flow matching on the 300 K frames (internal coordinates by default), EMA,
@@ -449,6 +450,41 @@ def cmd_marginals(args):
         print(json.dumps(r))
 
 
+def energies_by_force(system, x: np.ndarray) -> dict:
+    """Reduced energy (kT at 300 K) of each frame (nm) per force of the system, by force class name."""
+    import openmm as mm
+    from openmm import unit
+
+    system = mm.XmlSerializer.deserialize(mm.XmlSerializer.serialize(system))
+    names = [type(f).__name__ for f in system.getForces()]
+    for i, f in enumerate(system.getForces()):
+        f.setForceGroup(i)
+    ctx = mm.Context(system, mm.VerletIntegrator(1e-3), mm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
+    kT = (unit.MOLAR_GAS_CONSTANT_R * 300 * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+    out = np.zeros((len(x), len(names)))
+    for n, xn in enumerate(x):
+        ctx.setPositions(xn)
+        for g in range(len(names)):
+            e = ctx.getState(getEnergy=True, groups={g}).getPotentialEnergy()
+            out[n, g] = e.value_in_unit(unit.kilojoule_per_mole) / kT
+    return {name: out[:, g] for g, name in enumerate(names)}
+
+
+def cmd_forces(args):
+    """Median energy per force of each flow's proposals minus that of held-out frames (kT)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    system = molecule().system
+    held = energies_by_force(system, load_frames(args.heldout)[::4][:args.n])
+    for path in args.flows.split(","):
+        flow, noise = fp.PerturbedFlow.load(path), fp.Noise(args.seed)
+        x = np.concatenate([flow.propose(250, noise).x.reshape(250, -1, 3).numpy() for _ in range(args.n // 250)])
+        prop = energies_by_force(system, x)
+        diff = {k: round(float(np.median(prop[k]) - np.median(held[k])), 2) for k in held}
+        total = float(np.median(sum(prop.values())) - np.median(sum(held.values())))
+        print(json.dumps({"flow": path, "median_difference_kT": diff, "total": round(total, 2),
+                          "heldout_median_kT": {k: round(float(np.median(v)), 2) for k, v in held.items()}}))
+
+
 def cmd_cost(args):
     """ms per proposal with its log q (fp++ and fp, exact inverse) of each flow: best of ``repeats``
     batches of ``n`` after one warm-up batch."""
@@ -635,6 +671,11 @@ def main():
     c.add_argument("--n", type=int, default=256)
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("forces", help="proposals' excess energy per force against held-out frames (median, kT)")
+    g.add_argument("--flows", required=True, help="flow files, comma-separated")
+    g.add_argument("--heldout", required=True, help="npz file whose 300 K frames (every 4th) are the reference")
+    g.add_argument("--n", type=int, default=1000, help="proposals and held-out frames (a multiple of 250)")
+    g.add_argument("--seed", type=int, default=3, help="noise seed of the proposals")
     e = sub.add_parser("kish", help="Kish ESS with exact log-dets of flows (A.pt+B.pt: their fields averaged)")
     e.add_argument("--flows", required=True, help="flow files, comma-separated; '+' averages fields")
     e.add_argument("--n", type=int, default=3000)
@@ -647,7 +688,7 @@ def main():
     SYSTEM["name"] = args.system
     {"data": cmd_data, "md": cmd_md, "train": cmd_train, "measure": cmd_measure, "refine": cmd_refine,
      "reverse-kl": cmd_reverse_kl, "quality": cmd_quality, "marginals": cmd_marginals, "cost": cmd_cost,
-     "kish": cmd_kish}[args.cmd](args)
+     "kish": cmd_kish, "forces": cmd_forces}[args.cmd](args)
 
 
 if __name__ == "__main__":
