@@ -112,13 +112,18 @@ def check(args) -> dict:
     if args.top is not None:
         _args.input_file(args.top, "--top")
     rare_region(args)
-    if args.system and (args.reweight or not args.no_validate):
+    if _needs_system(args):
         _args.check_system(args.system)
     hyper = {name: getattr(args, name) for name in TrainingConfig.help()}
     TrainingConfig(**hyper)  # the library's own checks, before any work
     if not args.restart:
         _check_checkpoint(args.out + ".ckpt", hyper)
     return hyper
+
+
+def _needs_system(args) -> bool:
+    """Whether the run evaluates --system's energies: the proposal validation, or --reweight's weights."""
+    return bool(args.system) and (args.reweight or not args.no_validate)
 
 
 def rare_region(args):
@@ -240,7 +245,7 @@ def run(args) -> int:
     hyper = check(args)
     energy = None
     ms = None
-    if args.system and (args.reweight or not args.no_validate):
+    if _needs_system(args):
         ms = _args.load_system(args.system, args.forcefield)
     x, top, temps = read_data(args)
     print(f"{len(x)} frames of {top.n_atoms} atoms")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..flow import FixedTransform, get_transform
+from ..metropolis import systematic_resample
 from ..noise import project_mean_free
 
 __all__ = ["TrainingData", "prepare_data", "as_samples", "split", "temperature_features", "repeat_to_share",
@@ -294,8 +295,8 @@ def reweight_ladder(samples: np.ndarray, temperatures: np.ndarray, reduced_energ
     if n_frames < 1:
         raise ValueError(f"n_frames must be a positive count, got {n_frames}")
     w = np.exp(ladder_log_weights(reduced_energies, t, temperature))
-    points = (np.random.default_rng(seed).random() + np.arange(n_frames)) / n_frames
-    pick = np.minimum(np.searchsorted(np.cumsum(w), points), len(w) - 1)
+    uniform = torch.tensor([np.random.default_rng(seed).random()])
+    pick = systematic_resample(torch.from_numpy(w), uniform, n_frames).numpy()
     share = {float(k): float(w[t == k].sum()) for k in np.unique(t)}
     info = dict(frames=int(x.shape[0]), distinct=int(len(np.unique(pick))), kish_frames=float(1.0 / np.sum(w ** 2)),
                 share=share)
